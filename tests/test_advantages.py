@@ -1,0 +1,136 @@
+"""Tree advantages (paper Eq. 5–7, spec §6) on hand-computed trees."""
+
+import math
+
+import pytest
+import torch
+
+from trl_treepo import compute_tree_advantages
+from trl_treepo.advantages import compute_segment_advantages, whiten
+
+# Spec §6.3: a binary tree of 8 leaves under prompt "q". Branch A = {A1: +1 +1, A2: -1 -1}, B = {B1: -1 +1, B2: -1 -1}.
+PATHS = [
+    ("q", "A", "A1", 1),
+    ("q", "A", "A1", 2),
+    ("q", "A", "A2", 3),
+    ("q", "A", "A2", 4),
+    ("q", "B", "B1", 5),
+    ("q", "B", "B1", 6),
+    ("q", "B", "B2", 7),
+    ("q", "B", "B2", 8),
+]
+REWARDS = torch.tensor([1.0, 1.0, -1.0, -1.0, -1.0, 1.0, -1.0, -1.0])
+
+
+def test_average_weighting_matches_the_worked_example():
+    advantages = compute_tree_advantages(REWARDS, PATHS)
+    # group means: root -0.25; A 0; B -0.5; A1 +1; A2 -1; B1 0; B2 -1
+    expected = [
+        (1.25 + 1.0 + 0.0) / 3,
+        (1.25 + 1.0 + 0.0) / 3,
+        (-0.75 - 1.0 + 0.0) / 3,
+        (-0.75 - 1.0 + 0.0) / 3,
+        (-0.75 - 0.5 - 1.0) / 3,
+        (1.25 + 1.5 + 1.0) / 3,
+        (-0.75 - 0.5 + 0.0) / 3,
+        (-0.75 - 0.5 + 0.0) / 3,
+    ]
+    torch.testing.assert_close(advantages, torch.tensor(expected))
+    assert advantages[0].item() == pytest.approx(0.75)
+    assert advantages[5].item() == pytest.approx(1.25)
+
+
+def test_group_size_weighting_weights_each_term_by_its_group():
+    advantages = compute_tree_advantages(REWARDS, PATHS, weighting="group_size")
+    # leaf 0: terms 1.25 (|G|=8), 1.0 (|G_1|=4), 0.0 (|G_2|=2)
+    assert advantages[0].item() == pytest.approx((8 * 1.25 + 4 * 1.0 + 2 * 0.0) / 14)
+    # leaf 4 (B1 wrong): -0.75 (8), -0.5 (4), -1.0 (2)
+    assert advantages[4].item() == pytest.approx((8 * -0.75 + 4 * -0.5 + 2 * -1.0) / 14)
+
+
+def test_rejection_drops_all_equal_subgroups_but_never_the_root():
+    advantages = compute_tree_advantages(REWARDS, PATHS, reject_zero_std_subgroups=True)
+    # leaf 0: A1 = {+1, +1} is dropped, A = {1, 1, -1, -1} stays
+    assert advantages[0].item() == pytest.approx((1.25 + 1.0) / 2)
+    # leaf 6: B2 = {-1, -1} dropped
+    assert advantages[6].item() == pytest.approx((-0.75 - 0.5) / 2)
+    # a prompt whose rewards are all equal keeps its (zero) root term
+    flat = compute_tree_advantages(torch.ones(4), [("p", 1, 3), ("p", 1, 4), ("p", 2, 5), ("p", 2, 6)],
+                                   reject_zero_std_subgroups=True)
+    assert flat.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_singleton_subtrees_add_no_term_and_prompts_are_separate_groups():
+    paths = [("p", 1, 10), ("p", 2, 11), ("r", 3, 12), ("r", 3, 13)]
+    rewards = torch.tensor([1.0, 0.0, 5.0, 3.0])
+    advantages = compute_tree_advantages(rewards, paths)
+    # prompt p: lone chains, only the root term; prompt r: root group and node 3 are the same two leaves
+    assert advantages.tolist() == pytest.approx([0.5, -0.5, 1.0, -1.0])
+
+
+def test_fallback_branch_joins_its_source_ancestors():
+    # leaf 3 was cut back to node 1 and re-grown: it shares node 1 with leaves 0 and 1
+    paths = [("p", 1, 2, 4), ("p", 1, 2, 5), ("p", 6, 7, 8), ("p", 1, 9, 10)]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    advantages = compute_tree_advantages(rewards, paths)
+    root = 0.5
+    node1 = 2 / 3
+    node2 = 0.5
+    assert advantages[3].item() == pytest.approx(((1 - root) + (1 - node1)) / 2)
+    assert advantages[0].item() == pytest.approx(((1 - root) + (1 - node1) + (1 - node2)) / 3)
+
+
+def test_unscored_leaves_are_left_out_of_group_statistics():
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    paths = [("p", 1, 5), ("p", 1, 6), ("p", 2, 7), ("p", 2, 8)]
+    advantages = compute_tree_advantages(rewards, paths)
+    assert math.isnan(advantages[1].item())
+    # root mean over the 3 scored leaves = 1/3; node 1 holds one scored leaf, so it adds no term
+    assert advantages[0].item() == pytest.approx(1 - 1 / 3)
+    assert advantages[2].item() == pytest.approx(((0 - 1 / 3) + 0.0) / 2)
+
+
+def test_whiten_is_token_weighted_and_ignores_masked_and_nan_entries():
+    advantages = torch.tensor([1.0, -1.0, 3.0, float("nan")])
+    counts = torch.tensor([3.0, 1.0, 0.0, 5.0])
+    result = whiten(advantages, counts)
+    tokens = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    expected = (tokens - tokens.mean()) / torch.sqrt(tokens.var() + 1e-8)
+    assert result[0].item() == pytest.approx(expected[0].item())
+    assert result[1].item() == pytest.approx(expected[3].item())
+    assert result[2].item() == 0.0 and result[3].item() == 0.0
+    # the same numbers through a [B, T] mask
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float32)
+    per_token = whiten(advantages[:, None].expand(4, 3).contiguous(), mask)
+    assert per_token[0, 0].item() == pytest.approx(expected[0].item())
+    assert per_token[1, 1].item() == 0.0
+    assert whiten(torch.tensor([2.0]), torch.tensor([0.0])).tolist() == [0.0]
+
+
+def test_segment_advantages_are_node_minus_parent_values_broadcast_per_segment():
+    paths = [("p", 1, 2), ("p", 1, 3), ("p", 4, 5), ("p", 4, 6)]
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    lengths = [4, 3, 4, 4]
+    advantages = compute_segment_advantages(rewards, paths, lengths, segment_length=2, weighting="average")
+    leaf = compute_tree_advantages(rewards, paths).tolist()
+    node1 = (leaf[0] + leaf[1]) / 2
+    node4 = (leaf[2] + leaf[3]) / 2
+    root = (node1 + node4) / 2
+    assert advantages.shape == (4, 4)
+    assert advantages[0].tolist() == pytest.approx([node1 - root] * 2 + [leaf[0] - node1] * 2)
+    assert advantages[1].tolist() == pytest.approx([node1 - root] * 2 + [leaf[1] - node1, 0.0])
+    discounted = compute_segment_advantages(rewards, paths, lengths, 2, weighting="average", discount=0.5)
+    assert discounted[2, 0].item() == pytest.approx(node4 - 0.5 * root)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="weighting"):
+        compute_tree_advantages(REWARDS, PATHS, weighting="mean")
+    with pytest.raises(ValueError, match="paths"):
+        compute_tree_advantages(REWARDS, PATHS[:3])
+    with pytest.raises(ValueError, match="at least one node"):
+        compute_tree_advantages(torch.tensor([1.0]), [("p",)])
+    with pytest.raises(ValueError, match="1-D"):
+        compute_tree_advantages(REWARDS[None], PATHS)
+    with pytest.raises(ValueError, match="same shape"):
+        whiten(torch.ones(3), torch.ones(3, 2))

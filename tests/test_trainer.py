@@ -1,0 +1,214 @@
+"""TreePOTrainer end to end on CPU with the transformers backend."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_treepo import TreePOConfig, TreePOTrainer, compute_tree_advantages, whiten
+from trl_treepo.testing import make_math_dataset
+
+
+def reward_length(completions, **kwargs):
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(len(text) % 5) for text in texts]
+
+
+def reward_vowels(completions, **kwargs):
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(sum(ch in "aeiou" for ch in text) % 3) for text in texts]
+
+
+def tiny_args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        tree_segment_length=6,
+        tree_max_depth=3,
+        max_steps=2,
+        learning_rate=0.05,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        seed=0,
+    )
+    base.update(overrides)
+    return TreePOConfig(**base)
+
+
+def train(tiny_model, tmp_path, dataset=None, reward_funcs=reward_length, trainer_kwargs=None, **overrides):
+    trainer = TreePOTrainer(
+        model=tiny_model,
+        reward_funcs=reward_funcs,
+        args=tiny_args(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else make_math_dataset(size=16),
+        **(trainer_kwargs or {}),
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, logs, changed, before
+
+
+def test_train_end_to_end_decodes_fewer_tokens_than_it_trains_on(tiny_model, tmp_path):
+    trainer, logs, changed, before = train(tiny_model, tmp_path)
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    assert len(changed) == len(before)
+    for entry in logs:
+        assert entry["tree/decoded_tokens"] < entry["tree/leaf_tokens"]
+        assert entry["tree/mean_depth"] <= entry["tree/max_depth"] <= 3
+        assert entry["tree/engine_calls"] >= 3
+        reasons = sum(v for k, v in entry.items() if k.startswith("tree/finish_reason/"))
+        assert reasons == pytest.approx(1.0)
+    assert trainer.create_model_card is not None
+
+
+def test_standard_prompts_and_weighted_reward_functions(tiny_model, tmp_path):
+    dataset = make_math_dataset(size=16, conversational=False)
+    _, logs, changed, _ = train(
+        tiny_model, tmp_path, dataset=dataset, reward_funcs=[reward_length, reward_vowels], reward_weights=[1.0, 0.5]
+    )
+    assert changed and "rewards/reward_vowels/mean" in logs[0]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_every_trl_loss_type_trains(tiny_model, tmp_path, loss_type):
+    _, logs, changed, _ = train(tiny_model, tmp_path, loss_type=loss_type, max_steps=1)
+    assert changed and torch.isfinite(torch.tensor(logs[0]["loss"]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(tree_advantage_estimator="grpo"),
+        dict(tree_advantage_estimator="tree_segment"),
+        dict(tree_advantage_weighting="group_size", tree_reject_zero_std_subgroups=True),
+        dict(tree_advantage_normalization="none"),
+        dict(tree_sampling=False),
+        dict(tree_fallback_policy="none", tree_answer_stop="none"),
+        dict(tree_divergence_policy="low_prob", tree_initial_divergence=1, tree_initial_divergence_max=3),
+        dict(tree_reuse_kv_cache=False),
+        dict(gradient_checkpointing=True),
+        dict(beta=0.05),
+        dict(importance_sampling_level="sequence", top_entropy_quantile=0.5, off_policy_mask_threshold=0.5),
+    ],
+    ids=lambda overrides: ",".join(f"{k}={v}" for k, v in overrides.items()),
+)
+def test_options_train(tiny_model, tmp_path, overrides):
+    _, logs, changed, _ = train(tiny_model, tmp_path, max_steps=1, **overrides)
+    assert changed and torch.isfinite(torch.tensor(logs[0]["loss"]))
+    assert ("tree/decoded_tokens" in logs[0]) == overrides.get("tree_sampling", True)
+
+
+def test_lora_through_peft_config(tiny_model, tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer, _, changed, before = train(tiny_model, tmp_path, trainer_kwargs={"peft_config": config}, max_steps=1)
+    assert changed and all("lora" in name for name in before)
+
+
+def test_trained_advantages_are_the_whitened_tree_estimates(tiny_model, tmp_path):
+    trainer = TreePOTrainer(
+        model=tiny_model, reward_funcs=reward_length, args=tiny_args(tmp_path), train_dataset=make_math_dataset(size=8)
+    )
+    captured = {}
+    original = trainer._replace_advantages
+
+    def spy(output, batch):
+        captured["paths"] = list(batch.paths)
+        captured["rewards"] = trainer._rewards_per_func[:, 0].clone()
+        original(output, batch)
+        captured["advantages"] = output["advantages"].clone()
+        captured["mask"] = (output["completion_mask"] * output.get("tool_mask", 1)).clone()
+
+    trainer._replace_advantages = spy
+    trainer.train()
+    rewards, paths = captured["rewards"].double(), captured["paths"]
+    # dynamic sampling: prompts whose leaves all share one reward are left out
+    groups = rewards.view(-1, 4)
+    informative = (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(4)
+    expected = compute_tree_advantages(torch.where(informative, rewards, torch.nan), paths)
+    expected = torch.nan_to_num(whiten(expected, captured["mask"].sum(dim=1).double()), nan=0.0)
+    torch.testing.assert_close(captured["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
+    assert (captured["mask"].sum(dim=1)[~informative] == 0).all()
+    # leaves of one prompt share node ids exactly where the tree says so
+    assert all(len(path) >= 2 for path in paths)
+
+
+def test_prompt_groups_that_are_not_whole_per_process_are_rejected(tmp_path, monkeypatch):
+    # 2 processes x 2 rows: the generation batch holds whole groups of 4, but each process holds half a group.
+    monkeypatch.setattr(TreePOConfig, "world_size", property(lambda self: 2))
+    kwargs = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=2, num_generations=4,
+                  tree_segment_length=4, tree_max_depth=2)
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        TreePOConfig(**kwargs)
+    assert TreePOConfig(**kwargs, tree_sampling=False).generation_batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(tree_segment_length=0), "tree_segment_length"),
+        (dict(tree_max_depth=-1), "tree_max_depth"),
+        (dict(tree_branching_factor=0), "tree_branching_factor"),
+        (dict(tree_divergence_policy="wide"), "tree_divergence_policy"),
+        (dict(tree_fallback_policy="dfs"), "tree_fallback_policy"),
+        (dict(tree_answer_stop="eos"), "tree_answer_stop"),
+        (dict(tree_advantage_estimator="ppo"), "tree_advantage_estimator"),
+        (dict(tree_advantage_weighting="mean"), "tree_advantage_weighting"),
+        (dict(tree_advantage_normalization="group"), "tree_advantage_normalization"),
+        (dict(tree_repetition_priority="middle"), "tree_repetition_priority"),
+        (dict(max_completion_length=100), "max_completion_length"),
+        (dict(tree_initial_divergence=0), "tree_initial_divergence"),
+        (dict(tree_initial_divergence=3, tree_initial_divergence_max=2), "tree_initial_divergence_max"),
+        (dict(tree_divergence_temperature=0.0), "tree_divergence_temperature"),
+        (dict(tree_repetition_window=-1), "tree_repetition_window"),
+        (dict(tree_segment_advantage_discount=-0.5), "tree_segment_advantage_discount"),
+        (dict(tree_sampling=False, tree_advantage_estimator="tree_segment"), "tree_sampling"),
+        (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
+    ],
+)
+def test_config_validation_names_the_field(tmp_path, overrides, field):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                tree_segment_length=4, tree_max_depth=2)
+    base.update(overrides)
+    with pytest.raises(ValueError, match=field):
+        TreePOConfig(**base)
+
+
+def test_config_derives_the_completion_budget_from_segments_and_depth(tmp_path):
+    args = TreePOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4)
+    assert args.max_completion_length == 512 * 14
+    assert (args.tree_segment_length, args.tree_max_depth, args.tree_branching_factor) == (512, 14, 2)
+    assert args.epsilon_high == 0.28 and args.delta == 10.0
+
+
+def test_trainer_needs_a_treepo_config(tiny_model, tmp_path):
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="TreePOConfig"):
+        TreePOTrainer(model=tiny_model, reward_funcs=reward_length, args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
+                      train_dataset=make_math_dataset(size=4))
+
+
+def test_tools_are_rejected_with_tree_sampling(tiny_model, tmp_path):
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: first
+            b: second
+
+        Returns:
+            The sum.
+        """
+        return a + b
+
+    with pytest.raises(ValueError, match="tools"):
+        TreePOTrainer(model=tiny_model, reward_funcs=reward_length, args=tiny_args(tmp_path),
+                      train_dataset=make_math_dataset(size=4), tools=[add])

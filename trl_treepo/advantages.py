@@ -1,0 +1,175 @@
+"""TreePO's tree-based advantages (paper §3.3, Eq. 5–7; spec §6), free of TRL and torch.distributed.
+
+A leaf i with segments s_1 ⊕ … ⊕ s_J belongs to nested groups G ⊇ G_1 ⊇ G_2 ⊇ …: the root group G (all leaves of
+its prompt) and, for each proper ancestor node, the leaves below it. Its advantage averages the group-relative
+rewards over those groups:
+
+    Eq. 5 ("average", the paper's choice):        A_i = mean_j ( R_i − mean_{k∈G_j} R_k )
+    Eq. 6 ("group_size"):                         A_i = Σ_j |G_j| (R_i − mean_{G_j} R) / Σ_j |G_j|
+    Eq. 7 (subgroup rejection):                   Eq. 5/6 without the groups whose rewards are all equal
+
+The root group always counts; an ancestor subtree counts only when it holds at least two scored leaves (a lone
+chain has no siblings to compare with), and the leaf itself is never a group. The result is then normalised by
+`whiten`, the paper's "global variance normalization as in REINFORCE++": one token-weighted mean and unbiased std
+over every valid token of the batch.
+
+Rewards may be NaN for leaves that no reward function scored (TRL's `None`): those leaves are left out of every
+group statistic and their advantage is NaN, which `whiten` turns into 0.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+
+import torch
+
+WEIGHTINGS = ("average", "group_size")
+
+Path = Sequence[Hashable]
+
+
+def _group_statistics(rewards: list[float], paths: Sequence[Path]) -> dict[tuple, list[float]]:
+    """Scored rewards of every group, keyed by the path prefix that defines it (length 1 = the root group)."""
+    members: dict[tuple, list[float]] = defaultdict(list)
+    for reward, path in zip(rewards, paths):
+        if reward != reward:  # NaN: unscored
+            continue
+        for depth in range(1, len(path)):
+            members[tuple(path[:depth])].append(reward)
+    return members
+
+
+def _check_inputs(rewards: torch.Tensor, paths: Sequence[Path], weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"Unknown weighting {weighting!r}. Choose one of: {', '.join(WEIGHTINGS)}.")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-D tensor with one entry per leaf, got shape {tuple(rewards.shape)}.")
+    if len(paths) != rewards.numel():
+        raise ValueError(f"Got {rewards.numel()} rewards but {len(paths)} paths; pass one path per leaf.")
+    for path in paths:
+        if len(path) < 2:
+            raise ValueError(
+                f"Each path must hold the prompt id and at least one node id (the leaf's last segment); got {path!r}."
+            )
+
+
+def compute_tree_advantages(
+    rewards: torch.Tensor,
+    paths: Sequence[Path],
+    *,
+    weighting: str = "average",
+    reject_zero_std_subgroups: bool = False,
+) -> torch.Tensor:
+    """Per-leaf tree advantages before normalisation (paper Eq. 5, or Eq. 6/7 with the options).
+
+    Args:
+        rewards: 1-D float tensor, one reward per leaf; NaN marks an unscored leaf.
+        paths: one tuple per leaf: the prompt id, then the node ids of depths 1..d (the last is the leaf's own
+            last segment). Leaves share an ancestor at depth j exactly when their paths share the first j + 1 items.
+        weighting: `"average"` (Eq. 5, the paper's choice) or `"group_size"` (Eq. 6, the released code's default).
+        reject_zero_std_subgroups: drop depth ≥ 1 groups whose rewards are all equal (Eq. 7). The root group is
+            never dropped.
+
+    Returns:
+        A 1-D float tensor like `rewards`; NaN where the reward is NaN.
+    """
+    _check_inputs(rewards, paths, weighting)
+    values = rewards.detach().double().cpu().tolist()
+    groups = _group_statistics(values, paths)
+    means = {key: sum(members) / len(members) for key, members in groups.items()}
+    advantages = []
+    for reward, path in zip(values, paths):
+        if reward != reward:
+            advantages.append(float("nan"))
+            continue
+        weighted_sum = total_weight = 0.0
+        for depth in range(1, len(path)):
+            key = tuple(path[:depth])
+            members = groups[key]
+            if depth > 1:
+                if len(members) < 2:
+                    continue
+                if reject_zero_std_subgroups and max(members) == min(members):
+                    continue
+            weight = float(len(members)) if weighting == "group_size" else 1.0
+            weighted_sum += weight * (reward - means[key])
+            total_weight += weight
+        advantages.append(weighted_sum / total_weight)
+    return torch.tensor(advantages, dtype=rewards.dtype, device=rewards.device)
+
+
+def compute_segment_advantages(
+    rewards: torch.Tensor,
+    paths: Sequence[Path],
+    lengths: Sequence[int],
+    segment_length: int,
+    *,
+    weighting: str = "group_size",
+    reject_zero_std_subgroups: bool = False,
+    discount: float = 1.0,
+) -> torch.Tensor:
+    """Per-token advantages of shape [B, max(lengths)] with one value per segment (spec §6.4, not the paper's method).
+
+    Each leaf's value is its tree advantage (`compute_tree_advantages`, size-weighted by default as in the released
+    code); an internal node's value is the mean of its children's values; segment j of a leaf gets
+    ``V(node_j) − discount · V(node_{j−1})`` (node_0 being the prompt), broadcast over that segment's tokens.
+    Tokens past a leaf's length are 0. NaN leaves are left out of node means and get NaN advantages.
+    """
+    if len(lengths) != len(paths):
+        raise ValueError(f"Got {len(lengths)} lengths for {len(paths)} paths; pass one length per leaf.")
+    leaf_values = compute_tree_advantages(
+        rewards, paths, weighting=weighting, reject_zero_std_subgroups=reject_zero_std_subgroups
+    ).double().cpu().tolist()
+
+    children: dict[tuple, set[tuple]] = defaultdict(set)
+    node_value: dict[tuple, float] = {}
+    for value, path in zip(leaf_values, paths):
+        node_value[tuple(path)] = value
+        for depth in range(1, len(path)):
+            children[tuple(path[:depth])].add(tuple(path[: depth + 1]))
+
+    def value_of(node: tuple) -> float:
+        if node not in node_value:
+            scored = [v for v in (value_of(child) for child in sorted(children[node], key=repr)) if v == v]
+            node_value[node] = sum(scored) / len(scored) if scored else float("nan")
+        return node_value[node]
+
+    width = max(lengths, default=0)
+    advantages = torch.zeros(len(paths), width, dtype=torch.float64)
+    for row, (path, length) in enumerate(zip(paths, lengths)):
+        for segment in range(len(path) - 1):
+            start = segment * segment_length
+            if start >= length:
+                break
+            advantage = value_of(tuple(path[: segment + 2])) - discount * value_of(tuple(path[: segment + 1]))
+            advantages[row, start : min(start + segment_length, length)] = advantage
+    return advantages.to(dtype=rewards.dtype, device=rewards.device)
+
+
+def whiten(advantages: torch.Tensor, token_weights: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Token-level whitening over a whole batch, REINFORCE++-baseline style (the paper's normalisation).
+
+    Args:
+        advantages: [B] (one value per leaf) or [B, T] (per token).
+        token_weights: how many valid tokens each entry stands for: [B] token counts for 1-D advantages, or a
+            [B, T] 0/1 mask for 2-D ones.
+
+    Returns the same shape with ``(a − μ) / sqrt(σ² + eps)``, μ and σ² being the token-weighted mean and unbiased
+    variance over valid tokens. Entries with zero weight or NaN advantage come out as 0 and do not count.
+    """
+    if advantages.shape != token_weights.shape:
+        raise ValueError(
+            f"advantages {tuple(advantages.shape)} and token_weights {tuple(token_weights.shape)} must have the same "
+            "shape ([B] token counts, or a [B, T] mask)."
+        )
+    values = advantages.double()
+    weights = token_weights.double() * (~torch.isnan(values))
+    values = torch.nan_to_num(values, nan=0.0)
+    total = weights.sum()
+    if total <= 0:
+        return torch.zeros_like(advantages)
+    mean = (weights * values).sum() / total
+    variance = (weights * (values - mean) ** 2).sum() / (total - 1) if total > 1 else torch.zeros((), dtype=values.dtype)
+    whitened = (values - mean) / torch.sqrt(variance + eps)
+    return torch.where(weights > 0, whitened, torch.zeros_like(whitened)).to(advantages.dtype)

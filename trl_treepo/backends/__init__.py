@@ -1,0 +1,1 @@
+"""Segment engines: plain `SegmentRequest`s in, plain `SegmentOutput`s out (see `trl_treepo.sampling`)."""

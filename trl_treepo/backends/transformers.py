@@ -1,0 +1,194 @@
+"""Segment engine on `transformers` `generate`, for users without vLLM.
+
+A tree level is one `generate` call over every branch of every live node. Between levels the engine keeps the KV
+cache: a continuing path's row holds exactly its prompt and response so far, so its children are served by
+selecting (and repeating) that row instead of re-reading the shared prefix (TreePO's KV reuse, paper §2.1). A
+level whose nodes are not all in the last cache (a fallback branch, the first level) reads each distinct node's
+prefix once and repeats the result for its branches.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from ..sampling import SegmentOutput, SegmentRequest
+
+
+class _SampledTokenLogprobs(LogitsProcessor):
+    """Records log p(sampled token) under the final (warped) sampling distribution, one step behind.
+
+    Keeps only the previous step's log-softmax, so memory stays at one [rows, vocab] tensor instead of the full
+    score history that `output_scores` would hold.
+    """
+
+    def __init__(self):
+        self.previous = None
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def collect(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self.steps.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
+        return torch.stack(self.steps, dim=1)
+
+
+def _warpers_of(config: GenerationConfig) -> list[LogitsProcessor]:
+    """The sampling warpers `generate` would add for `config`, in its order, so a recorder can run after them."""
+    warpers = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    if config.min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
+    return warpers
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            input_ids[row, width - len(sequence) :] = torch.as_tensor(list(sequence), dtype=torch.long)
+            attention_mask[row, width - len(sequence) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+class TransformersSegmentEngine:
+    """`SegmentEngine` over a `transformers` causal LM.
+
+    Args:
+        model: the (unwrapped) model, already in generation mode; calls run under `torch.no_grad()`.
+        generation_config: sampling settings (temperature, top-k/p, EOS ids, ...); `max_new_tokens` is set per call.
+        pad_token_id: padding id for left-padded inputs.
+        reuse_kv_cache: keep the KV cache between levels and serve children from their parent's row.
+        return_logprobs: also return each sampled token's logprob under the sampling distribution.
+    """
+
+    def __init__(
+        self,
+        model,
+        generation_config: GenerationConfig,
+        pad_token_id: int,
+        *,
+        reuse_kv_cache: bool = True,
+        return_logprobs: bool = False,
+    ):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.return_logprobs = return_logprobs
+        eos = generation_config.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.generation_config = copy.deepcopy(generation_config)
+        self.generation_config.return_dict_in_generate = True
+        self.warpers = []
+        if return_logprobs:
+            # Run the warpers ourselves, so that the recorder sees the distribution tokens are sampled from.
+            self.warpers = _warpers_of(self.generation_config)
+            self.generation_config.temperature = 1.0
+            self.generation_config.top_k = None
+            self.generation_config.top_p = None
+            self.generation_config.min_p = None
+        # A static or quantized cache cannot be sliced row by row.
+        self.reuse_kv_cache = reuse_kv_cache and generation_config.cache_implementation is None
+        self._kept = None  # (sequences, attention_mask, cache, row of each continuable full sequence)
+        self.prefilled_tokens = 0  # prefix tokens read again because no cached row held them
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _rows_from_kept_cache(self, requests, row_source):
+        sequences, attention_mask, cache, row_of = self._kept
+        rows = [row_of.get(tuple(request.token_ids)) for request in requests]
+        if any(row is None for row in rows):
+            return None
+        index = torch.tensor([rows[source] for source in row_source], device=sequences.device)
+        cache.batch_select_indices(index)
+        return sequences[index], attention_mask[index], cache
+
+    def _rows_from_prefill(self, requests, row_source):
+        input_ids, attention_mask = left_pad([r.token_ids for r in requests], self.pad_token_id, self.device)
+        index = torch.tensor(row_source, device=input_ids.device)
+        if not self.reuse_kv_cache or input_ids.size(1) < 2:
+            return input_ids[index], attention_mask[index], None
+        # Read each distinct node's prefix once (all but its last token, which `generate` feeds itself), then
+        # repeat the cache rows for its branches.
+        cache = DynamicCache(config=self.model.config)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.prefilled_tokens += int(attention_mask[:, :-1].sum())
+        cache.batch_select_indices(index)
+        return input_ids[index], attention_mask[index], cache
+
+    def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]:
+        if not requests:
+            return []
+        row_source = [i for i, request in enumerate(requests) for _ in range(request.num_branches)]
+        prepared = self._rows_from_kept_cache(requests, row_source) if self._kept is not None else None
+        if prepared is None:
+            self._kept = None  # free the old cache before building a new one
+            prepared = self._rows_from_prefill(requests, row_source)
+        input_ids, attention_mask, cache = prepared
+        self._kept = None
+
+        max_new_tokens = max(request.max_tokens for request in requests)
+        config = copy.copy(self.generation_config)
+        config.max_new_tokens = max_new_tokens
+        recorder = _SampledTokenLogprobs() if self.return_logprobs else None
+        processors = LogitsProcessorList(self.warpers + ([recorder] if recorder else []))
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            generation_config=config,
+            logits_processor=processors,
+        )
+        prompt_width = input_ids.size(1)
+        new_tokens = output.sequences[:, prompt_width:]
+        logprobs = recorder.collect(output.sequences[:, -1]).cpu() if recorder else None
+        new_tokens_cpu = new_tokens.cpu().tolist()
+
+        results: list[list[SegmentOutput]] = [[] for _ in requests]
+        continuable = {}
+        for row, source in enumerate(row_source):
+            ids = new_tokens_cpu[row][: requests[source].max_tokens]
+            stop = next((i for i, token in enumerate(ids) if token in self.eos_token_ids), None)
+            if stop is not None:
+                ids = ids[: stop + 1]
+            row_logprobs = logprobs[row, : len(ids)].tolist() if logprobs is not None else None
+            results[source].append(SegmentOutput(ids, row_logprobs, "stop" if stop is not None else "length"))
+            if stop is None and len(ids) == max_new_tokens:
+                continuable[tuple(requests[source].token_ids) + tuple(ids)] = row
+
+        if self.reuse_kv_cache and continuable and output.past_key_values is not None:
+            full_mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)
+            self._kept = (output.sequences, full_mask, output.past_key_values, continuable)
+        return results

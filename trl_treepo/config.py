@@ -1,0 +1,341 @@
+"""`TreePOConfig`: GRPOConfig plus TreePO's tree rollout and advantage knobs (paper arXiv 2508.17445)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .advantages import WEIGHTINGS
+from .sampling import (
+    ANSWER_STOP_RULES,
+    DIVERGENCE_POLICIES,
+    FALLBACK_POLICIES,
+    REPETITION_PRIORITIES,
+    TreeSamplingParams,
+)
+
+ADVANTAGE_ESTIMATORS = ("tree", "tree_segment", "grpo")
+ADVANTAGE_NORMALIZATIONS = ("batch_whiten", "none")
+
+
+@dataclass
+class TreePOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`TreePOTrainer`].
+
+    Inherits every parameter of [`~trl.GRPOConfig`]. The tree width w, the number of leaves (trajectories) grown per
+    prompt, is `num_generations` (paper: 16). Fields below give the paper's symbol and value; "released code" means
+    the official repository (a verl fork), whose defects the spec lists and this package does not reproduce.
+
+    Parameters:
+        > Parameters that control the tree rollout (paper §2)
+
+        tree_sampling (`bool`, *optional*, defaults to `True`):
+            Grow TreePO segment trees during training. `False` samples `num_generations` independent completions as
+            plain GRPO does (the paper's sequential baseline), for A/B runs. Evaluation always samples sequentially,
+            as in the paper.
+        tree_segment_length (`int`, *optional*, defaults to `512`):
+            l, tokens decoded per tree node (segment). Paper: 512.
+        tree_max_depth (`int`, *optional*, defaults to `14`):
+            d, maximum segments per trajectory. Paper: 14 (14 × 512 = 7168 response tokens).
+        tree_branching_factor (`int`, *optional*, defaults to `2`):
+            b, copies made of every continuing path after each segment, until the prompt holds w paths. Paper: 2.
+        tree_initial_divergence (`int`, *optional*):
+            Paths each prompt starts with. `None` uses b ("Fixed Init Divergence", paper: 2).
+        tree_initial_divergence_max (`int`, *optional*):
+            When set, each prompt's first fork is drawn uniformly from `[tree_initial_divergence or b,
+            tree_initial_divergence_max]` ("More Init Divergence", the paper's best row: 2..8; the released code
+            never ran it because of a config bug).
+        tree_divergence_policy (`str`, *optional*, defaults to `"fixed_avg"`):
+            How a prompt's branching budget is split over its live paths: `"fixed_avg"` (paper: even split),
+            `"low_prob"` or `"high_prob"` (paper §4.4 "Low/High Prob Encourage": softmax over each path's
+            last-segment mean log-prob).
+        tree_divergence_temperature (`float`, *optional*, defaults to `2.0`):
+            Softmax temperature of the log-prob divergence policies. Paper §4.4: 2.0.
+        tree_fallback_policy (`str`, *optional*, defaults to `"random_cut"`):
+            What a prompt does when all its paths stopped before w leaves: `"random_cut"` (paper: re-branch at a
+            uniformly random segment boundary of a leaf that ended with an answer or EOS), `"restart"` (re-branch
+            from the prompt) or `"none"` (keep fewer leaves; the missing rows are padded and do not train).
+        tree_answer_stop (`str`, *optional*, defaults to `"boxed_and_eos"`):
+            When a `\boxed{}` answer stops a path: `"boxed_and_eos"` (paper script: answer plus EOS), `"boxed"`
+            (as soon as a complete answer appears; the released code's default) or `"none"`. EOS always stops.
+        tree_repetition_window (`int`, *optional*, defaults to `32`):
+            Characters per window of the repetition stop. Paper code: 32. `0` disables it.
+        tree_repetition_min_count (`int`, *optional*, defaults to `8`):
+            A window that occurs this many times in one segment stops the path. Paper code: 8.
+        tree_repetition_priority (`str`, *optional*, defaults to `"first"`):
+            `"first"` checks repetition before answer and EOS (the paper script's intent), `"last"` after the
+            length limit (what the released code ran, because the script's key was misspelled).
+        tree_reuse_kv_cache (`bool`, *optional*, defaults to `True`):
+            transformers backend only: keep each level's KV cache and hand a node's cache to its children instead
+            of re-reading their shared prefix. vLLM reuses prefixes through its automatic prefix caching.
+
+        > Parameters that control the advantages (paper §3.3)
+
+        tree_advantage_estimator (`str`, *optional*, defaults to `"tree"`):
+            `"tree"`: the paper's global + local subgroup advantage (Eq. 5–7), one value per leaf. `"grpo"`: TRL's
+            own group advantage (the paper's "GRPO w/ tree sampling" ablation). `"tree_segment"`: one value per
+            segment, node value minus parent value (released code's `tree_segment_reinforce_plus_plus_baseline`,
+            not the paper's method), passed to the loss as a [B, T] tensor.
+        tree_advantage_weighting (`str`, *optional*, defaults to `"average"`):
+            How the subgroup terms combine: `"average"` (Eq. 5, the paper's choice) or `"group_size"` (Eq. 6, the
+            released code's default).
+        tree_reject_zero_std_subgroups (`bool`, *optional*, defaults to `False`):
+            Leave out subtrees whose rewards are all equal (Eq. 7, "subgroup rejection"; the paper finds it hurts).
+        tree_advantage_normalization (`str`, *optional*, defaults to `"batch_whiten"`):
+            `"batch_whiten"`: subtract the mean and divide by the std over every valid token of the whole batch
+            (the paper's "global variance normalization as in REINFORCE++"). `"none"`: raw tree advantages.
+            Ignored by the `"grpo"` estimator, which follows `scale_rewards`.
+        tree_segment_advantage_discount (`float`, *optional*, defaults to `1.0`):
+            η in `V(node) − η V(parent)` of the `"tree_segment"` estimator (released code: `segtree_adv_eta`).
+        tree_filter_zero_std_prompts (`bool`, *optional*, defaults to `True`):
+            Dynamic sampling (paper §3.1, from DAPO): leaves of a prompt whose rewards are all equal do not train
+            (their loss mask is zeroed), and they are left out of the batch normalisation, which would otherwise
+            give them non-zero advantages. The paper also refills the batch with new prompts; a TRL batch has a
+            fixed size, so filtered prompts are not replaced.
+
+        > Parameters from GRPOConfig whose default follows the paper
+
+        max_completion_length (`int`, *optional*):
+            Must equal `tree_segment_length × tree_max_depth` (paper: 7168); `None` derives it. Segment
+            boundaries then fall at multiples of l, and the depth limit is the length limit.
+        epsilon_high (`float`, *optional*, defaults to `0.28`):
+            Upper clipping bound of the ratio (DAPO clip-higher; paper: ε_low = 0.2, ε_high = 0.28).
+        delta (`float`, *optional*, defaults to `10.0`):
+            Cap on the ratio for negative advantages (paper: dual-clip c = 10).
+    """
+
+    # --- the tree rollout -----------------------------------------------------------------------------------------
+    tree_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "Grow TreePO segment trees during training. False samples num_generations independent "
+            "completions as plain GRPO does (the paper's sequential baseline), for A/B runs."
+        },
+    )
+    tree_segment_length: int = field(
+        default=512,
+        metadata={"help": "l: tokens decoded per tree node (segment). Paper: 512."},
+    )
+    tree_max_depth: int = field(
+        default=14,
+        metadata={"help": "d: maximum segments per trajectory. Paper: 14 (14 x 512 = 7168 tokens)."},
+    )
+    tree_branching_factor: int = field(
+        default=2,
+        metadata={"help": "b: copies of every continuing path after each segment, until w paths. Paper: 2."},
+    )
+    tree_initial_divergence: int | None = field(
+        default=None,
+        metadata={"help": "Paths each prompt starts with. None uses b ('Fixed Init Divergence', paper: 2)."},
+    )
+    tree_initial_divergence_max: int | None = field(
+        default=None,
+        metadata={
+            "help": "If set, the first fork is drawn per prompt from [tree_initial_divergence or b, this] ('More "
+            "Init Divergence', the paper's best row: 2..8)."
+        },
+    )
+    tree_divergence_policy: str = field(
+        default="fixed_avg",
+        metadata={
+            "help": "Split of the branching budget over live paths: 'fixed_avg' (paper), 'low_prob' or 'high_prob' "
+            "(paper 4.4: softmax over last-segment mean log-prob).",
+            "choices": list(DIVERGENCE_POLICIES),
+        },
+    )
+    tree_divergence_temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature of the log-prob divergence policies. Paper 4.4: 2.0."},
+    )
+    tree_fallback_policy: str = field(
+        default="random_cut",
+        metadata={
+            "help": "When all paths of a prompt stopped before w leaves: 'random_cut' (paper: re-branch at a random "
+            "segment boundary of a leaf that ended with an answer or EOS), 'restart' (from the prompt) or 'none'.",
+            "choices": list(FALLBACK_POLICIES),
+        },
+    )
+    tree_answer_stop: str = field(
+        default="boxed_and_eos",
+        metadata={
+            "help": "When a \\boxed{} answer stops a path: 'boxed_and_eos' (paper script), 'boxed' (as soon as a "
+            "complete answer appears) or 'none'. EOS always stops a path.",
+            "choices": list(ANSWER_STOP_RULES),
+        },
+    )
+    tree_repetition_window: int = field(
+        default=32,
+        metadata={"help": "Characters per repetition window. Paper code: 32. 0 disables the repetition stop."},
+    )
+    tree_repetition_min_count: int = field(
+        default=8,
+        metadata={"help": "A window seen this many times in one segment stops the path. Paper code: 8."},
+    )
+    tree_repetition_priority: str = field(
+        default="first",
+        metadata={
+            "help": "'first': check repetition before answer and EOS (paper script's intent); 'last': after the "
+            "length limit (what the released code ran).",
+            "choices": list(REPETITION_PRIORITIES),
+        },
+    )
+    tree_reuse_kv_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "transformers backend: hand each node's KV cache to its children instead of re-reading the "
+            "shared prefix."
+        },
+    )
+
+    # --- the advantages -------------------------------------------------------------------------------------------
+    tree_advantage_estimator: str = field(
+        default="tree",
+        metadata={
+            "help": "'tree': the paper's subgroup advantage (Eq. 5-7); 'grpo': TRL's group advantage (the paper's "
+            "'GRPO w/ tree sampling' ablation); 'tree_segment': per-segment node-minus-parent values ([B, T]).",
+            "choices": list(ADVANTAGE_ESTIMATORS),
+        },
+    )
+    tree_advantage_weighting: str = field(
+        default="average",
+        metadata={
+            "help": "Combination of subgroup terms: 'average' (Eq. 5, paper) or 'group_size' (Eq. 6).",
+            "choices": list(WEIGHTINGS),
+        },
+    )
+    tree_reject_zero_std_subgroups: bool = field(
+        default=False,
+        metadata={"help": "Leave out subtrees whose rewards are all equal (Eq. 7, 'subgroup rejection')."},
+    )
+    tree_advantage_normalization: str = field(
+        default="batch_whiten",
+        metadata={
+            "help": "'batch_whiten': token-weighted mean/std over the whole batch (paper, REINFORCE++ style); "
+            "'none'. Ignored by the 'grpo' estimator, which follows scale_rewards.",
+            "choices": list(ADVANTAGE_NORMALIZATIONS),
+        },
+    )
+    tree_segment_advantage_discount: float = field(
+        default=1.0,
+        metadata={"help": "eta in V(node) - eta * V(parent) for the 'tree_segment' estimator."},
+    )
+    tree_filter_zero_std_prompts: bool = field(
+        default=True,
+        metadata={
+            "help": "Dynamic sampling (paper 3.1): leaves of prompts whose rewards are all equal do not train and "
+            "stay out of the batch normalisation."
+        },
+    )
+
+    # --- GRPOConfig fields whose default follows the paper --------------------------------------------------------
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={"help": "Must equal tree_segment_length x tree_max_depth (paper: 7168); None derives it."},
+    )
+    epsilon_high: float | None = field(
+        default=0.28,
+        metadata={"help": "Upper ratio clipping bound (DAPO clip-higher; paper: 0.28 with epsilon 0.2)."},
+    )
+    delta: float | None = field(
+        default=10.0,
+        metadata={"help": "Ratio cap for negative advantages (paper: dual-clip c = 10)."},
+    )
+
+    def __post_init__(self):
+        for name in ("tree_segment_length", "tree_max_depth", "tree_branching_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        budget = self.tree_segment_length * self.tree_max_depth
+        if self.max_completion_length is None:
+            self.max_completion_length = budget
+        elif self.max_completion_length != budget:
+            raise ValueError(
+                f"max_completion_length ({self.max_completion_length}) must equal tree_segment_length × "
+                f"tree_max_depth ({self.tree_segment_length} × {self.tree_max_depth} = {budget}): a TreePO "
+                "trajectory is at most d segments of l tokens. Leave max_completion_length unset (None) to derive "
+                f"it, or pick tree_max_depth/tree_segment_length whose product is {self.max_completion_length}."
+            )
+        for name, choices in (
+            ("tree_divergence_policy", DIVERGENCE_POLICIES),
+            ("tree_fallback_policy", FALLBACK_POLICIES),
+            ("tree_answer_stop", ANSWER_STOP_RULES),
+            ("tree_repetition_priority", REPETITION_PRIORITIES),
+            ("tree_advantage_estimator", ADVANTAGE_ESTIMATORS),
+            ("tree_advantage_weighting", WEIGHTINGS),
+            ("tree_advantage_normalization", ADVANTAGE_NORMALIZATIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"Unknown {name} {getattr(self, name)!r}. Choose one of: {', '.join(choices)}."
+                )
+        if self.tree_initial_divergence is not None and self.tree_initial_divergence < 1:
+            raise ValueError(f"tree_initial_divergence must be >= 1, got {self.tree_initial_divergence}.")
+        low = self.tree_initial_divergence or self.tree_branching_factor
+        if self.tree_initial_divergence_max is not None and self.tree_initial_divergence_max < low:
+            raise ValueError(
+                f"tree_initial_divergence_max ({self.tree_initial_divergence_max}) must be >= the lower end of the "
+                f"range, tree_initial_divergence or tree_branching_factor ({low})."
+            )
+        if self.tree_divergence_temperature <= 0:
+            raise ValueError(f"tree_divergence_temperature must be positive, got {self.tree_divergence_temperature}.")
+        if self.tree_repetition_window < 0 or self.tree_repetition_min_count < 0:
+            raise ValueError(
+                "tree_repetition_window and tree_repetition_min_count must be >= 0 (0 disables the repetition stop)."
+            )
+        if self.tree_segment_advantage_discount < 0:
+            raise ValueError(
+                f"tree_segment_advantage_discount must be >= 0, got {self.tree_segment_advantage_discount}."
+            )
+        if self.tree_advantage_estimator == "tree_segment" and not self.tree_sampling:
+            raise ValueError(
+                "tree_advantage_estimator='tree_segment' needs segment trees; set tree_sampling=True or use the "
+                "'tree' or 'grpo' estimator."
+            )
+        if self.tree_advantage_estimator != "grpo" and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} is only supported with "
+                "tree_advantage_estimator='grpo'. The tree estimators weight and sum the reward functions first "
+                "('sum_then_normalize')."
+            )
+        if self.tree_sampling and self.use_transformers_continuous_batching:
+            raise ValueError(
+                "use_transformers_continuous_batching is not used by tree rollouts, which drive `generate` level "
+                "by level. Unset it, or set tree_sampling=False."
+            )
+
+        super().__post_init__()
+
+        if self.tree_sampling and not (self.use_vllm and self.vllm_mode == "server"):
+            rows = self.per_device_train_batch_size * self.steps_per_generation
+            if rows % self.num_generations:
+                raise ValueError(
+                    f"Each process grows whole trees, so its rows per generation (per_device_train_batch_size × "
+                    f"steps_per_generation = {self.per_device_train_batch_size} × {self.steps_per_generation} = "
+                    f"{rows}) must be a multiple of num_generations ({self.num_generations}). Adjust "
+                    "per_device_train_batch_size or gradient_accumulation_steps/steps_per_generation, or use "
+                    "vllm_mode='server', which grows every tree on the main process."
+                )
+
+    def tree_sampling_params(self, eos_token_ids, seed: int) -> TreeSamplingParams:
+        """The rollout knobs as the plain object that the sampler reads."""
+        return TreeSamplingParams(
+            width=self.num_generations,
+            segment_length=self.tree_segment_length,
+            max_depth=self.tree_max_depth,
+            branching_factor=self.tree_branching_factor,
+            max_response_length=self.max_completion_length,
+            initial_divergence=self.tree_initial_divergence,
+            initial_divergence_max=self.tree_initial_divergence_max,
+            divergence_policy=self.tree_divergence_policy,
+            divergence_temperature=self.tree_divergence_temperature,
+            fallback_policy=self.tree_fallback_policy,
+            answer_stop=self.tree_answer_stop,
+            repetition_window=self.tree_repetition_window,
+            repetition_min_count=self.tree_repetition_min_count,
+            repetition_priority=self.tree_repetition_priority,
+            eos_token_ids=tuple(eos_token_ids),
+            seed=seed,
+        )

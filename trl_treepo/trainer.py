@@ -1,0 +1,329 @@
+"""`TreePOTrainer`: GRPOTrainer with TreePO's segment-tree rollouts and tree-based advantages.
+
+Wiring only. Three GRPOTrainer methods are extended, each through `super()`:
+
+- `_generate_single_turn` grows one tree per prompt instead of `num_generations` independent samples, and returns
+  the root→leaf paths as the completions (row ``i * G + j`` is leaf j of prompt i);
+- `_calculate_rewards` keeps the gathered reward matrix;
+- `_generate_and_score_completions` replaces GRPO's advantages with the tree estimator's and applies dynamic
+  sampling. Padding, rewards, old/ref logprobs, vLLM importance sampling, the loss and logging stay TRL's own.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import gather_object
+from trl import GRPOTrainer
+from trl.extras.profiling import profiling_context
+from trl.models import unwrap_model_for_generation
+
+from .advantages import compute_segment_advantages, compute_tree_advantages, whiten
+from .backends.transformers import TransformersSegmentEngine
+from .config import TreePOConfig
+from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
+
+
+@dataclass
+class _TreeBatch:
+    """What the rollout hands to the advantage step: one entry per local row, in row order."""
+
+    paths: list[tuple]
+    padded: list[bool]  # rows that repeat a leaf to fill a prompt short of w leaves (fallback "none"); never trained
+    leaves: list[Leaf | None]
+    stats: RolloutStats
+
+
+class TreePOTrainer(GRPOTrainer):
+    """Trainer for TreePO ([arXiv 2508.17445](https://huggingface.co/papers/2508.17445)).
+
+    A drop-in for [`~trl.GRPOTrainer`]: same arguments, same datasets and reward functions, with a [`TreePOConfig`].
+    During training each prompt grows a tree of fixed-length segments (`tree_segment_length`) whose `num_generations`
+    leaves are the completions, and advantages come from the tree's nested subgroups (paper Eq. 5). Generation runs
+    on the transformers backend, or through TRL's vLLM integration with `use_vllm=True`. Evaluation samples
+    sequentially, as in the paper.
+
+    Example:
+
+    ```python
+    from trl_treepo import TreePOConfig, TreePOTrainer
+
+    trainer = TreePOTrainer(
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        reward_funcs=accuracy_reward,
+        args=TreePOConfig(num_generations=8, tree_segment_length=256, tree_max_depth=4),
+        train_dataset=dataset,
+    )
+    trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "treepo"]
+    _name = "TreePO"
+    _paper = {
+        "title": "TreePO: Bridging the Gap of Policy Optimization and Efficacy and Inference Efficiency with "
+        "Heuristic Tree-based Modeling",
+        "id": "2508.17445",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{li2025treepo,
+                title        = {{TreePO: Bridging the Gap of Policy Optimization and Efficacy and Inference Efficiency with Heuristic Tree-based Modeling}},
+                author       = {Yizhi Li and Qingshui Gu and Zhoufutu Wen and Ziniu Li and Tianshun Xing and Shuyue Guo and Tianyu Zheng and Xin Zhou and Xingwei Qu and Wangchunshu Zhou and Zheng Zhang and Wei Shen and Qian Liu and Chenghua Lin and Jian Yang and Ge Zhang and Wenhao Huang},
+                year         = 2025,
+                eprint       = {arXiv:2508.17445},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args: TreePOConfig | None = None, *pargs, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = TreePOConfig(f"{model_name.split('/')[-1]}-TreePO")
+        if not isinstance(args, TreePOConfig):
+            raise TypeError(
+                f"TreePOTrainer needs a TreePOConfig, got {type(args).__name__}. Build one with the same arguments: "
+                "TreePOConfig(**your_grpo_args)."
+            )
+        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        if args.tree_sampling and (self.tools or self.environment_factories is not None):
+            raise ValueError(
+                "Tree rollouts do not support tools or environments: a tool call would have to split a segment. "
+                "Set tree_sampling=False to train on sequential rollouts."
+            )
+        self._tree_batch: _TreeBatch | None = None
+        self._rewards_per_func: torch.Tensor | None = None
+        self._rollouts_grown = 0
+
+    # --------------------------------------------------------------------------------------------------- rollout
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        grows_tree = self.args.tree_sampling and self.model.training and num_generations == self.num_generations
+        if not grows_tree:
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+            # The tool loop calls back here for follow-up turns; only the first call describes the batch.
+            if self.model.training and self._tree_batch is None and num_generations == self.num_generations:
+                self._tree_batch = self._sequential_batch(len(prompt_ids), num_generations)
+            return completion_ids, logprobs
+        if images is not None or multimodal_fields:
+            raise ValueError(
+                "Tree rollouts support text-only prompts. Set tree_sampling=False to train vision-language data."
+            )
+        roots = self._unique_prompts(prompt_ids, num_generations)
+        with profiling_context(self, "tree.rollout"):
+            rollout = self._grow_trees(roots)
+        return self._rows_from_rollout(rollout, len(roots))
+
+    @staticmethod
+    def _unique_prompts(prompt_ids, num_generations):
+        roots = prompt_ids[::num_generations]
+        for i, root in enumerate(roots):
+            for row in prompt_ids[i * num_generations : (i + 1) * num_generations]:
+                if list(row) != list(root):
+                    raise RuntimeError(
+                        "TreePOTrainer expects each process's prompts in groups of num_generations identical rows, as "
+                        "TRL's RepeatSampler produces them. A custom sampler or dataloader broke that layout."
+                    )
+        return [list(root) for root in roots]
+
+    def _sampling_params(self):
+        # Vary the sampler's own choices per rollout and process, reproducibly under args.seed.
+        seed = (self.args.seed * 1_000_003 + self._rollouts_grown * 7919 + self.accelerator.process_index) % 2**31
+        self._rollouts_grown += 1
+        return self.args.tree_sampling_params(self.eos_token_ids, seed)
+
+    def _grow_trees(self, roots: list[list[int]]) -> TreeRollout:
+        params = self._sampling_params()
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            engine = TransformersSegmentEngine(
+                unwrapped_model,
+                self.generation_config,
+                self._tokenizer.pad_token_id,
+                reuse_kv_cache=self.args.tree_reuse_kv_cache,
+                return_logprobs=params.needs_logprobs,
+            )
+            return grow_trees(engine, roots, params, self._tokenizer.decode)
+
+    def _rows_from_rollout(self, rollout: TreeRollout, num_prompts: int):
+        """Completions in TRL's row order, plus the tree metadata the advantage step needs."""
+        width = self.num_generations
+        rollout_id = (self.accelerator.process_index, self._rollouts_grown)
+        completion_ids, logprobs, paths, padded, leaves = [], [], [], [], []
+        for prompt_index in range(num_prompts):
+            prompt_leaves = rollout.leaves[prompt_index]
+            for j in range(width):
+                leaf = prompt_leaves[j % len(prompt_leaves)]
+                completion_ids.append(list(leaf.token_ids))
+                logprobs.append(leaf.logprobs)
+                paths.append(((rollout_id, prompt_index), *leaf.nodes) if j < len(prompt_leaves) else None)
+                padded.append(j >= len(prompt_leaves))
+                leaves.append(leaf if j < len(prompt_leaves) else None)
+        # Padded rows get a root of their own; they carry NaN rewards and a zero loss mask.
+        paths = [path or (("pad", rollout_id, row), row) for row, path in enumerate(paths)]
+        self._tree_batch = _TreeBatch(paths, padded, leaves, rollout.stats)
+        # TRL feeds sampling logprobs to vLLM importance sampling; the transformers path has none, as in TRL.
+        return completion_ids, (logprobs if self.use_vllm else None)
+
+    def _sequential_batch(self, num_rows: int, num_generations: int) -> _TreeBatch:
+        """Sequential rollouts as a degenerate tree: every completion is a one-node chain under its prompt."""
+        rollout_id = (self.accelerator.process_index, self._rollouts_grown)
+        self._rollouts_grown += 1
+        paths = [((rollout_id, row // num_generations), row) for row in range(num_rows)]
+        return _TreeBatch(paths, [False] * num_rows, [None] * num_rows, RolloutStats())
+
+    # ------------------------------------------------------------------------------------------------ advantages
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._tree_batch = None
+        output = super()._generate_and_score_completions(inputs)
+        batch, self._tree_batch = self._tree_batch, None
+        if batch is None or not self.model.training:
+            return output
+        with profiling_context(self, "tree.advantages"):
+            self._replace_advantages(output, batch)
+        if batch.leaves and any(leaf is not None for leaf in batch.leaves):
+            self._log_tree_metrics(batch)
+        return output
+
+    def _replace_advantages(self, output: dict, batch: _TreeBatch) -> None:
+        args, device = self.args, self.accelerator.device
+        num_local = output["completion_ids"].size(0)
+        rank = self.accelerator.process_index
+        process_slice = slice(rank * num_local, (rank + 1) * num_local)
+
+        # Rewards of every row of every process, as TRL sums them; NaN = no reward function scored the row.
+        rewards_per_func = self._rewards_per_func
+        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        keep = ~self.accelerator.gather(torch.tensor(batch.padded, device=device))
+
+        # Dynamic sampling (paper §3.1): a prompt whose scored leaves all share one reward teaches nothing.
+        if args.tree_filter_zero_std_prompts:
+            grouped = rewards.view(-1, self.num_generations)
+            scored = ~torch.isnan(grouped)
+            lowest = torch.where(scored, grouped, torch.inf).min(dim=1).values
+            highest = torch.where(scored, grouped, -torch.inf).max(dim=1).values
+            informative = highest > lowest
+            self._metrics["train"]["tree/filtered_prompt_ratio"].append(1.0 - informative.float().mean().item())
+            keep &= informative.repeat_interleave(self.num_generations)
+        rewards = torch.where(keep, rewards, torch.full_like(rewards, torch.nan))
+
+        local_keep = keep[process_slice]
+        if not keep.all():  # global, so every process joins the gather below
+            tool_mask = output.get("tool_mask", torch.ones_like(output["completion_mask"]))
+            output["tool_mask"] = tool_mask * local_keep.unsqueeze(1).to(tool_mask.dtype)
+            loss_mask = output["completion_mask"] * output["tool_mask"]
+            output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+        if args.tree_advantage_estimator == "grpo":
+            output["advantages"] = output["advantages"] * local_keep
+            logged = list(self._logs["advantages"])[-keep.numel() :]
+            self._replace_logged_advantages(torch.tensor(logged) * keep.cpu())
+            return
+
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        paths = [path for process_paths in gather_object([batch.paths]) for path in process_paths]
+        rewards = rewards.double().cpu()
+        if args.tree_advantage_estimator == "tree":
+            advantages = compute_tree_advantages(
+                rewards,
+                paths,
+                weighting=args.tree_advantage_weighting,
+                reject_zero_std_subgroups=args.tree_reject_zero_std_subgroups,
+            )
+            if args.tree_advantage_normalization == "batch_whiten":
+                token_counts = self.accelerator.gather(loss_mask.sum(dim=1)).double().cpu()
+                advantages = whiten(advantages, token_counts)
+            advantages = torch.nan_to_num(advantages, nan=0.0).float()
+            output["advantages"] = advantages[process_slice].to(device)
+            self._replace_logged_advantages(advantages)
+            return
+
+        # "tree_segment": one value per segment, handed to the loss as [B, T]
+        lengths = self.accelerator.gather(output["completion_mask"].sum(dim=1)).cpu()
+        advantages = compute_segment_advantages(
+            rewards,
+            paths,
+            lengths.tolist(),
+            args.tree_segment_length,
+            weighting=args.tree_advantage_weighting,
+            reject_zero_std_subgroups=args.tree_reject_zero_std_subgroups,
+            discount=args.tree_segment_advantage_discount,
+        )
+        token_weights = (torch.arange(advantages.size(1))[None, :] < lengths[:, None]).double() * keep.cpu()[:, None]
+        if args.tree_advantage_normalization == "batch_whiten":
+            advantages = whiten(advantages, token_weights)
+        advantages = (torch.nan_to_num(advantages, nan=0.0) * token_weights).float()
+        width = output["completion_ids"].size(1)
+        local = torch.zeros(num_local, width)
+        columns = min(width, advantages.size(1))
+        local[:, :columns] = advantages[process_slice, :columns]
+        output["advantages"] = local.to(device)
+        self._replace_logged_advantages(advantages.sum(dim=1) / token_weights.sum(dim=1).clamp(min=1).float())
+
+    def _replace_logged_advantages(self, advantages: torch.Tensor) -> None:
+        """Swap the GRPO advantages TRL just logged for the ones that train (one value per row, all processes)."""
+        logged = self._logs["advantages"]
+        for _ in range(min(advantages.numel(), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+
+    # --------------------------------------------------------------------------------------------------- metrics
+
+    def _log_tree_metrics(self, batch: _TreeBatch) -> None:
+        device = self.accelerator.device
+        stats = batch.stats
+        leaves = [leaf for leaf in batch.leaves if leaf is not None]
+        reasons = [sum(leaf.finish_reason is reason for leaf in leaves) for reason in FinishReason]
+        children: dict[tuple, set] = {}
+        for leaf in leaves:
+            path = (leaf.prompt_index, *leaf.nodes)
+            for depth in range(1, len(path)):
+                children.setdefault(path[:depth], set()).add(path[depth])
+        local = torch.tensor(
+            [
+                stats.decoded_tokens,
+                stats.leaf_tokens,
+                stats.engine_calls,
+                stats.fallback_events,
+                sum(leaf.from_fallback for leaf in leaves),
+                len(leaves),
+                sum(leaf.depth for leaf in leaves),
+                sum(len(kids) for kids in children.values()),
+                len(children),
+                *reasons,
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        totals = self.accelerator.gather(local.unsqueeze(0)).sum(dim=0).tolist()
+        max_depth = self.accelerator.gather(torch.tensor([max((l.depth for l in leaves), default=0)], device=device))
+        decoded, leaf_tokens, calls, fallbacks, fallback_leaves, num_leaves, depth_sum, kids, parents = totals[:9]
+        metrics = self._metrics["train"]
+        metrics["tree/decoded_tokens"].append(decoded)
+        metrics["tree/leaf_tokens"].append(leaf_tokens)
+        metrics["tree/decoded_token_ratio"].append(decoded / max(leaf_tokens, 1))
+        metrics["tree/engine_calls"].append(calls / self.accelerator.num_processes)
+        metrics["tree/fallback_events"].append(fallbacks)
+        metrics["tree/fallback_leaf_ratio"].append(fallback_leaves / max(num_leaves, 1))
+        metrics["tree/mean_depth"].append(depth_sum / max(num_leaves, 1))
+        metrics["tree/max_depth"].append(float(max_depth.max()))
+        metrics["tree/mean_branching"].append(kids / max(parents, 1))
+        for reason, count in zip(FinishReason, totals[9:]):
+            metrics[f"tree/finish_reason/{reason.value}"].append(count / max(num_leaves, 1))
