@@ -119,10 +119,10 @@ def test_trained_advantages_are_the_whitened_tree_estimates(tiny_model, tmp_path
     captured = {}
     original = trainer._replace_advantages
 
-    def spy(output, batch):
-        captured["paths"] = list(batch.paths)
+    def spy(output, batch, paths):
+        captured["paths"] = list(paths)
         captured["rewards"] = trainer._rewards_per_func[:, 0].clone()
-        original(output, batch)
+        original(output, batch, paths)
         captured["advantages"] = output["advantages"].clone()
         captured["mask"] = (output["completion_mask"] * output.get("tool_mask", 1)).clone()
 

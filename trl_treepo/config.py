@@ -71,6 +71,16 @@ class TreePOConfig(GRPOConfig):
             transformers backend only: keep each level's KV cache and hand a node's cache to its children instead
             of re-reading their shared prefix. vLLM reuses prefixes through its automatic prefix caching.
 
+        tree_server_request_timeout (`float`, *optional*, defaults to `600.0`):
+            vLLM server mode: seconds one tree level's HTTP request may take before it fails with an error naming the
+            server (TRL's own client waits forever).
+        tree_server_max_retries (`int`, *optional*, defaults to `2`):
+            vLLM server mode: retries of a tree level's request after a connection error, timeout or 5xx answer.
+        tree_rollout_timeout (`float`, *optional*):
+            vLLM server mode with several processes: seconds the other processes wait for the main process to finish
+            a whole tree rollout. The wait runs on a dedicated Gloo group, so a long rollout does not trip the NCCL
+            watchdog. `None` uses `ddp_timeout`.
+
         > Parameters that control the advantages (paper §3.3)
 
         tree_advantage_estimator (`str`, *optional*, defaults to `"tree"`):
@@ -189,6 +199,22 @@ class TreePOConfig(GRPOConfig):
         },
     )
 
+    tree_server_request_timeout: float = field(
+        default=600.0,
+        metadata={"help": "vLLM server mode: seconds a tree level's HTTP request may take before it fails."},
+    )
+    tree_server_max_retries: int = field(
+        default=2,
+        metadata={"help": "vLLM server mode: retries of a tree level's request after a connection error or 5xx."},
+    )
+    tree_rollout_timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "vLLM server mode, several processes: seconds to wait for the main process's rollout, on a "
+            "dedicated Gloo group. None uses ddp_timeout."
+        },
+    )
+
     # --- the advantages -------------------------------------------------------------------------------------------
     tree_advantage_estimator: str = field(
         default="tree",
@@ -299,6 +325,18 @@ class TreePOConfig(GRPOConfig):
                 f"multi_objective_aggregation={self.multi_objective_aggregation!r} is only supported with "
                 "tree_advantage_estimator='grpo'. The tree estimators weight and sum the reward functions first "
                 "('sum_then_normalize')."
+            )
+        if self.tree_server_request_timeout <= 0 or self.tree_server_max_retries < 0:
+            raise ValueError(
+                "tree_server_request_timeout must be positive and tree_server_max_retries >= 0, got "
+                f"{self.tree_server_request_timeout} and {self.tree_server_max_retries}."
+            )
+        if self.tree_rollout_timeout is not None and self.tree_rollout_timeout <= 0:
+            raise ValueError(f"tree_rollout_timeout must be positive seconds, got {self.tree_rollout_timeout}.")
+        if self.tree_sampling and self.vllm_structured_outputs_regex is not None:
+            raise ValueError(
+                "vllm_structured_outputs_regex constrains a whole completion, but a tree decodes it in segments that "
+                "each restart the constraint. Unset it, or set tree_sampling=False."
             )
         if self.tree_sampling and self.use_transformers_continuous_batching:
             raise ValueError(

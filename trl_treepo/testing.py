@@ -93,15 +93,16 @@ def make_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     *,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
     max_position_embeddings: int = 4096,
     seed: int = 0,
 ) -> str:
     """Build, offline, a random-init `Qwen2ForCausalLM` plus a truncated Qwen tokenizer, save both and return the path.
 
     `vocab_size` counts BPE ranks; the model's embedding covers those plus the 22 Qwen2.5 special tokens. Embeddings
-    are untied. A directory already built with the same arguments is reused as is.
+    are untied. The default head size is 32: vLLM-CPU's attention kernels reject head_dim 16. A directory already
+    built with the same arguments is reused as is.
     """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -221,3 +222,68 @@ class ScriptedEngine:
                 branches.append(SegmentOutput(ids, [self.logprob(t) for t in ids], reason))
             outputs.append(branches)
         return outputs
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def vllm_server_command(model: str, port: int, *, dtype: str = "float32", max_model_len: int = 2048,
+                        gpu_memory_utilization: float = 0.2, block_size: int | None = 32) -> list[str]:
+    """The `vllm serve` command TRL's server mode needs, as a Python module invocation.
+
+    `python -m vllm.entrypoints.openai.api_server` is `vllm serve` without the CLI wrapper, which fails under
+    vllm-cpu because it looks itself up under the distribution name `vllm`. The flags are the ones `trl vllm-serve`
+    adds: the weight-transfer engine, processed logprobs (for importance sampling) and unlimited logprobs; prefix
+    caching is on explicitly, since tree rollouts rely on it. Prefix caching shares whole KV blocks only, and
+    vLLM-CPU's default block is 128 tokens, so short test sequences would share nothing: `block_size` defaults to 32.
+    Run it with `VLLM_SERVER_DEV_MODE=1`.
+    """
+    import sys
+
+    block = ["--block-size", str(block_size)] if block_size else []
+    return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--dtype", dtype,
+        "--max-model-len", str(max_model_len),
+        "--gpu-memory-utilization", str(gpu_memory_utilization),
+        "--enable-prefix-caching",
+        "--logprobs-mode", "processed_logprobs",
+        "--max-logprobs", "-1",
+        "--weight-transfer-config", '{"backend": "nccl"}',
+        "--enforce-eager",
+        *block,
+    ]  # fmt: skip
+
+
+def start_vllm_server(model: str, port: int | None = None, *, startup_timeout: float = 300.0, log_path=None, **kwargs):
+    """Start a real vLLM server on 127.0.0.1 serving `model`; return `(process, base_url)` once `/health` answers."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(vllm_server_command(model, port, **kwargs), env=env, stdout=log, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"The vLLM server exited with code {process.returncode} before answering; see {log_path}.")
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, base_url
+        except OSError:
+            time.sleep(1.0)
+    process.terminate()
+    raise TimeoutError(f"The vLLM server at {base_url} did not answer /health within {startup_timeout:.0f} s.")

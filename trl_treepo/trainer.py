@@ -12,6 +12,7 @@ Wiring only. Three GRPOTrainer methods are extended, each through `super()`:
 from __future__ import annotations
 
 import textwrap
+import types
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from trl.models import unwrap_model_for_generation
 
 from .advantages import compute_segment_advantages, compute_tree_advantages, whiten
 from .backends.transformers import TransformersSegmentEngine
+from .backends.vllm import RolloutGroup, colocate_rollout, engine_runs_on_cpu, server_rollout, sync_weights_by_reload
 from .config import TreePOConfig
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
 
@@ -85,7 +87,17 @@ class TreePOTrainer(GRPOTrainer):
                 f"TreePOTrainer needs a TreePOConfig, got {type(args).__name__}. Build one with the same arguments: "
                 "TreePOConfig(**your_grpo_args)."
             )
-        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        try:
+            super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        except OSError as error:  # TRL raises `requests`' ConnectionError, an OSError but not the builtin one
+            if not (args.use_vllm and args.vllm_mode == "server" and "can't be reached" in str(error)):
+                raise
+            model_id = model if isinstance(model, str) else model.config._name_or_path
+            raise ConnectionError(
+                f"{error}\nStart a vLLM server for this model first, with prefix caching on (tree rollouts resubmit "
+                f"shared prefixes), e.g.:\n    trl vllm-serve --model {model_id} --enable_prefix_caching true\n"
+                "or point vllm_server_base_url at a running one. See docs/vllm.md."
+            ) from error
         if args.tree_sampling and (self.tools or self.environment_factories is not None):
             raise ValueError(
                 "Tree rollouts do not support tools or environments: a tool call would have to split a segment. "
@@ -94,6 +106,13 @@ class TreePOTrainer(GRPOTrainer):
         self._tree_batch: _TreeBatch | None = None
         self._rewards_per_func: torch.Tensor | None = None
         self._rollouts_grown = 0
+        if self.use_vllm and self.vllm_mode == "colocate" and engine_runs_on_cpu():
+            # TRL's colocate sync cannot load into vLLM-CPU's prepacked layers; GPU engines keep TRL's own sync.
+            self.vllm_generation.sync_weights = types.MethodType(sync_weights_by_reload, self.vllm_generation)
+        self._rollout_group = None
+        if self.use_vllm and self.vllm_mode == "server" and args.tree_sampling:
+            timeout = args.tree_rollout_timeout if args.tree_rollout_timeout is not None else args.ddp_timeout
+            self._rollout_group = RolloutGroup(self.accelerator, timeout)
 
     # --------------------------------------------------------------------------------------------------- rollout
 
@@ -111,10 +130,20 @@ class TreePOTrainer(GRPOTrainer):
             raise ValueError(
                 "Tree rollouts support text-only prompts. Set tree_sampling=False to train vision-language data."
             )
-        roots = self._unique_prompts(prompt_ids, num_generations)
         with profiling_context(self, "tree.rollout"):
-            rollout = self._grow_trees(roots)
-        return self._rows_from_rollout(rollout, len(roots))
+            rows, stats, rollout_key = self._grow_rows(prompt_ids, num_generations)
+        paths = [
+            (("pad", rollout_key, self.accelerator.process_index, i), i)
+            if padded
+            else ((rollout_key, leaf.prompt_index), *leaf.nodes)
+            for i, (leaf, padded) in enumerate(rows)
+        ]
+        padded = [padded for _, padded in rows]
+        self._tree_batch = _TreeBatch(paths, padded, [None if p else leaf for leaf, p in rows], stats)
+        completion_ids = [list(leaf.token_ids) for leaf, _ in rows]
+        # TRL feeds sampling logprobs to vLLM importance sampling; the transformers path has none, as in TRL.
+        logprobs = [leaf.logprobs for leaf, _ in rows] if self.use_vllm else None
+        return completion_ids, logprobs
 
     @staticmethod
     def _unique_prompts(prompt_ids, num_generations):
@@ -129,13 +158,44 @@ class TreePOTrainer(GRPOTrainer):
         return [list(root) for root in roots]
 
     def _sampling_params(self):
-        # Vary the sampler's own choices per rollout and process, reproducibly under args.seed.
-        seed = (self.args.seed * 1_000_003 + self._rollouts_grown * 7919 + self.accelerator.process_index) % 2**31
+        # Vary the sampler's own choices per rollout and process, reproducibly under args.seed. The ranks of a
+        # colocated tensor-parallel group grow the same trees, so they share a seed.
+        rank = self.accelerator.process_index
+        if self.use_vllm and self.vllm_mode == "colocate":
+            rank //= self.args.vllm_tensor_parallel_size
+        seed = (self.args.seed * 1_000_003 + self._rollouts_grown * 7919 + rank) % 2**31
         self._rollouts_grown += 1
         return self.args.tree_sampling_params(self.eos_token_ids, seed)
 
-    def _grow_trees(self, roots: list[list[int]]) -> TreeRollout:
+    def _grow_rows(self, prompt_ids, num_generations):
+        """This process's rows as (leaf, padded), the rollout's work counters, and a key naming the rollout."""
         params = self._sampling_params()
+        if self.use_vllm:
+            # Once per training step, never per segment.
+            if self.state.global_step != self._last_loaded_step:
+                with profiling_context(self, "sync_weights"):
+                    self.vllm_generation.sync_weights()
+                self._last_loaded_step = self.state.global_step
+            if self.vllm_mode == "server":
+                rows, stats = server_rollout(
+                    self.vllm_generation,
+                    prompt_ids,
+                    num_generations,
+                    params,
+                    self._tokenizer.decode,
+                    self._rollout_group,
+                    request_timeout=self.args.tree_server_request_timeout,
+                    max_retries=self.args.tree_server_max_retries,
+                )
+                return rows, stats, ("server", self._rollouts_grown)
+        roots = self._unique_prompts(prompt_ids, num_generations)
+        if self.use_vllm:
+            rollout = colocate_rollout(self.vllm_generation, roots, params, self._tokenizer.decode)
+        else:
+            rollout = self._grow_trees_with_transformers(roots, params)
+        return rollout.rows(num_generations), rollout.stats, (self.accelerator.process_index, self._rollouts_grown)
+
+    def _grow_trees_with_transformers(self, roots: list[list[int]], params) -> TreeRollout:
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -156,31 +216,15 @@ class TreePOTrainer(GRPOTrainer):
             )
             return grow_trees(engine, roots, params, self._tokenizer.decode)
 
-    def _rows_from_rollout(self, rollout: TreeRollout, num_prompts: int):
-        """Completions in TRL's row order, plus the tree metadata the advantage step needs."""
-        width = self.num_generations
-        rollout_id = (self.accelerator.process_index, self._rollouts_grown)
-        completion_ids, logprobs, paths, padded, leaves = [], [], [], [], []
-        for prompt_index in range(num_prompts):
-            prompt_leaves = rollout.leaves[prompt_index]
-            for j in range(width):
-                leaf = prompt_leaves[j % len(prompt_leaves)]
-                completion_ids.append(list(leaf.token_ids))
-                logprobs.append(leaf.logprobs)
-                paths.append(((rollout_id, prompt_index), *leaf.nodes) if j < len(prompt_leaves) else None)
-                padded.append(j >= len(prompt_leaves))
-                leaves.append(leaf if j < len(prompt_leaves) else None)
-        # Padded rows get a root of their own; they carry NaN rewards and a zero loss mask.
-        paths = [path or (("pad", rollout_id, row), row) for row, path in enumerate(paths)]
-        self._tree_batch = _TreeBatch(paths, padded, leaves, rollout.stats)
-        # TRL feeds sampling logprobs to vLLM importance sampling; the transformers path has none, as in TRL.
-        return completion_ids, (logprobs if self.use_vllm else None)
-
     def _sequential_batch(self, num_rows: int, num_generations: int) -> _TreeBatch:
-        """Sequential rollouts as a degenerate tree: every completion is a one-node chain under its prompt."""
-        rollout_id = (self.accelerator.process_index, self._rollouts_grown)
+        """Sequential rollouts as a degenerate tree: every completion is a one-node chain under its prompt.
+
+        Prompt groups are named by global row, since without trees they may straddle processes.
+        """
+        rollout_key = ("sequential", self._rollouts_grown)
         self._rollouts_grown += 1
-        paths = [((rollout_id, row // num_generations), row) for row in range(num_rows)]
+        first_row = self.accelerator.process_index * num_rows
+        paths = [((rollout_key, (first_row + row) // num_generations), first_row + row) for row in range(num_rows)]
         return _TreeBatch(paths, [False] * num_rows, [None] * num_rows, RolloutStats())
 
     # ------------------------------------------------------------------------------------------------ advantages
@@ -195,13 +239,14 @@ class TreePOTrainer(GRPOTrainer):
         batch, self._tree_batch = self._tree_batch, None
         if batch is None or not self.model.training:
             return output
+        paths = [path for process_paths in gather_object([batch.paths]) for path in process_paths]
         with profiling_context(self, "tree.advantages"):
-            self._replace_advantages(output, batch)
-        if batch.leaves and any(leaf is not None for leaf in batch.leaves):
-            self._log_tree_metrics(batch)
+            self._replace_advantages(output, batch, paths)
+        if self.args.tree_sampling:
+            self._log_tree_metrics(batch, paths)
         return output
 
-    def _replace_advantages(self, output: dict, batch: _TreeBatch) -> None:
+    def _replace_advantages(self, output: dict, batch: _TreeBatch, paths: list[tuple]) -> None:
         args, device = self.args, self.accelerator.device
         num_local = output["completion_ids"].size(0)
         rank = self.accelerator.process_index
@@ -238,7 +283,6 @@ class TreePOTrainer(GRPOTrainer):
             return
 
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
-        paths = [path for process_paths in gather_object([batch.paths]) for path in process_paths]
         rewards = rewards.double().cpu()
         if args.tree_advantage_estimator == "tree":
             advantages = compute_tree_advantages(
@@ -286,16 +330,12 @@ class TreePOTrainer(GRPOTrainer):
 
     # --------------------------------------------------------------------------------------------------- metrics
 
-    def _log_tree_metrics(self, batch: _TreeBatch) -> None:
+    def _log_tree_metrics(self, batch: _TreeBatch, paths: list[tuple]) -> None:
+        """`tree/*` metrics over the whole batch: the engine's work, and the shape of the trees."""
         device = self.accelerator.device
         stats = batch.stats
         leaves = [leaf for leaf in batch.leaves if leaf is not None]
         reasons = [sum(leaf.finish_reason is reason for leaf in leaves) for reason in FinishReason]
-        children: dict[tuple, set] = {}
-        for leaf in leaves:
-            path = (leaf.prompt_index, *leaf.nodes)
-            for depth in range(1, len(path)):
-                children.setdefault(path[:depth], set()).add(path[depth])
         local = torch.tensor(
             [
                 stats.decoded_tokens,
@@ -305,25 +345,31 @@ class TreePOTrainer(GRPOTrainer):
                 sum(leaf.from_fallback for leaf in leaves),
                 len(leaves),
                 sum(leaf.depth for leaf in leaves),
-                sum(len(kids) for kids in children.values()),
-                len(children),
+                max((leaf.depth for leaf in leaves), default=0),
                 *reasons,
             ],
             dtype=torch.float64,
             device=device,
         )
-        totals = self.accelerator.gather(local.unsqueeze(0)).sum(dim=0).tolist()
-        max_depth = self.accelerator.gather(torch.tensor([max((l.depth for l in leaves), default=0)], device=device))
-        decoded, leaf_tokens, calls, fallbacks, fallback_leaves, num_leaves, depth_sum, kids, parents = totals[:9]
+        per_process = self.accelerator.gather(local.unsqueeze(0))
+        totals = per_process.sum(dim=0).tolist()
+        decoded, leaf_tokens, _, fallbacks, fallback_leaves, num_leaves, depth_sum = totals[:7]
+        children: dict[tuple, set] = {}
+        for path in paths:
+            if path[0][0] != "pad":
+                for depth in range(1, len(path)):
+                    children.setdefault(path[:depth], set()).add(path[depth])
         metrics = self._metrics["train"]
         metrics["tree/decoded_tokens"].append(decoded)
         metrics["tree/leaf_tokens"].append(leaf_tokens)
         metrics["tree/decoded_token_ratio"].append(decoded / max(leaf_tokens, 1))
-        metrics["tree/engine_calls"].append(calls / self.accelerator.num_processes)
+        metrics["tree/engine_calls"].append(per_process[:, 2].max().item())
         metrics["tree/fallback_events"].append(fallbacks)
         metrics["tree/fallback_leaf_ratio"].append(fallback_leaves / max(num_leaves, 1))
         metrics["tree/mean_depth"].append(depth_sum / max(num_leaves, 1))
-        metrics["tree/max_depth"].append(float(max_depth.max()))
-        metrics["tree/mean_branching"].append(kids / max(parents, 1))
-        for reason, count in zip(FinishReason, totals[9:]):
+        metrics["tree/max_depth"].append(per_process[:, 7].max().item())
+        metrics["tree/mean_branching"].append(
+            sum(len(kids) for kids in children.values()) / max(len(children), 1)
+        )
+        for reason, count in zip(FinishReason, totals[8:]):
             metrics[f"tree/finish_reason/{reason.value}"].append(count / max(num_leaves, 1))

@@ -92,6 +92,18 @@ class TreeRollout:
     def flat_leaves(self) -> list[Leaf]:
         return [leaf for prompt_leaves in self.leaves for leaf in prompt_leaves]
 
+    def rows(self, width: int) -> list[tuple[Leaf, bool]]:
+        """(leaf, padded) per completion row, `width` rows per prompt in prompt order (TRL's layout).
+
+        A prompt that ended with fewer than `width` leaves (fallback off) repeats its leaves; the repeats are marked
+        `padded`, and must not train.
+        """
+        return [
+            (prompt_leaves[j % len(prompt_leaves)], j >= len(prompt_leaves))
+            for prompt_leaves in self.leaves
+            for j in range(width)
+        ]
+
 
 @dataclass
 class _Path:

