@@ -377,3 +377,39 @@ class TreePOConfig(GRPOConfig):
             eos_token_ids=tuple(eos_token_ids),
             seed=seed,
         )
+
+
+# Fields TreePOConfig adds, or whose default it changes to the paper's, in declaration order.
+def treepo_fields() -> list:
+    """The `TreePOConfig` fields that TreePO adds or whose default follows the paper, in declaration order."""
+    from dataclasses import fields
+
+    inherited = {f.name: f for f in fields(GRPOConfig)}
+    return [f for f in fields(TreePOConfig) if f.name not in inherited or f.default != inherited[f.name].default]
+
+
+def _markdown_cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def configuration_reference() -> str:
+    """The markdown table of `docs/configuration.md`, generated from `TreePOConfig` so the doc cannot drift."""
+    lines = ["| Field | Default | Choices | Description |", "|---|---|---|---|"]
+    for f in treepo_fields():
+        choices = ", ".join(f"`{c}`" for c in f.metadata.get("choices", [])) or "—"
+        lines.append(f"| `{f.name}` | `{f.default!r}` | {choices} | {_markdown_cell(f.metadata['help'])} |")
+    return "\n".join(lines)
+
+
+def configuration_card(args: TreePOConfig) -> str:
+    """A model-card section with the run's TreePO settings (`TreePOTrainer.create_model_card`)."""
+    lines = ["| Setting | Value |", "|---|---|", f"| `num_generations` (tree width w) | `{args.num_generations}` |"]
+    for f in treepo_fields():
+        lines.append(f"| `{f.name}` | `{_markdown_cell(repr(getattr(args, f.name)))}` |")
+    for name in ("loss_type", "epsilon", "beta", "learning_rate", "temperature"):
+        lines.append(f"| `{name}` | `{_markdown_cell(repr(getattr(args, name)))}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(configuration_reference())

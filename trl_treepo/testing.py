@@ -165,16 +165,19 @@ def make_math_dataset(
     seed: int = 0,
     conversational: bool = True,
     with_solution: bool = False,
+    **task_config,
 ):
-    """A `datasets.Dataset` of reasoning-gym problems with a `prompt` column and an `answer` column.
+    """A `datasets.Dataset` of reasoning-gym problems with a `prompt` column and a `solution` column (the answer).
 
-    Conversational rows carry a system message asking for a `\\boxed{}` answer. With `with_solution`, a `completion`
-    column holds a worked answer ending in `\\boxed{answer}`, for the SFT warm-up.
+    Conversational rows carry a system message asking for a `\\boxed{}` answer; `solution` is what TRL's
+    `accuracy_reward` checks against. With `with_solution`, a `completion` column holds a worked answer ending in
+    `\\boxed{answer}`, for the SFT warm-up. `task_config` goes to `reasoning_gym.create_dataset` (for example
+    `max_terms=2, max_digits=1` for `basic_arithmetic`).
     """
     import reasoning_gym
     from datasets import Dataset
 
-    items = reasoning_gym.create_dataset(task, size=size, seed=seed)
+    items = reasoning_gym.create_dataset(task, size=size, seed=seed, **task_config)
     rows = []
     for item in items:
         question, answer = item["question"], str(item["answer"])
@@ -182,7 +185,7 @@ def make_math_dataset(
             prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
         else:
             prompt = f"{SYSTEM_PROMPT}\n\nProblem: {question}\nSolution:"
-        row = {"prompt": prompt, "answer": answer}
+        row = {"prompt": prompt, "solution": answer}
         if with_solution:
             reasoning = item["metadata"].get("answer_cot") or f"{item['metadata'].get('expression', question)} = {answer}"
             reasoning = reasoning.split("\n####")[0].strip()
@@ -287,3 +290,63 @@ def start_vllm_server(model: str, port: int | None = None, *, startup_timeout: f
             time.sleep(1.0)
     process.terminate()
     raise TimeoutError(f"The vLLM server at {base_url} did not answer /health within {startup_timeout:.0f} s.")
+
+
+def make_warm_model(
+    output_dir: str | os.PathLike,
+    task: str = "gsm_symbolic",
+    *,
+    base_model: str | None = None,
+    examples: int = 1600,
+    steps: int = 200,
+    batch_size: int = 8,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+    task_config: dict | None = None,
+) -> str:
+    """A tiny model SFT-warmed on reasoning-gym worked answers, so that it writes `\\boxed{}` answers and stops.
+
+    A random-init model never samples EOS, so its trees never stop early; after this warm-up, completions end
+    with an answer and EOS at varied lengths, like a real policy's. Built offline from `make_tiny_model` (or
+    `base_model`); a directory already built with the same arguments is reused.
+    """
+    import torch
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    output_dir = Path(output_dir)
+    spec = {"task": task, "base_model": base_model, "examples": examples, "steps": steps, "batch_size": batch_size,
+            "learning_rate": learning_rate, "seed": seed, "warm": True}
+    if task_config:
+        spec["task_config"] = task_config
+    sentinel = output_dir / _SENTINEL
+    if sentinel.exists() and json.loads(sentinel.read_text()) == spec:
+        return str(output_dir)
+    base = base_model or make_tiny_model(output_dir.parent / f"{output_dir.name}-base", seed=seed)
+    dataset = make_math_dataset(task, size=examples, seed=seed + 123, with_solution=True, **(task_config or {}))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(
+            output_dir=scratch,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            per_device_train_batch_size=batch_size,
+            max_steps=steps,
+            learning_rate=learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=min(10, steps // 10),
+            logging_steps=max(steps // 5, 1),
+            report_to="none",
+            save_strategy="no",
+            gradient_checkpointing=False,
+            max_length=512,
+            seed=seed,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(model=base, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    sentinel.write_text(json.dumps(spec))
+    return str(output_dir)

@@ -11,6 +11,7 @@ Wiring only. Three GRPOTrainer methods are extended, each through `super()`:
 
 from __future__ import annotations
 
+import os
 import textwrap
 import types
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from trl.models import unwrap_model_for_generation
 from .advantages import compute_segment_advantages, compute_tree_advantages, whiten
 from .backends.transformers import TransformersSegmentEngine
 from .backends.vllm import RolloutGroup, colocate_rollout, engine_runs_on_cpu, server_rollout, sync_weights_by_reload
-from .config import TreePOConfig
+from .config import TreePOConfig, configuration_card
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
 
 
@@ -113,6 +114,24 @@ class TreePOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_mode == "server" and args.tree_sampling:
             timeout = args.tree_rollout_timeout if args.tree_rollout_timeout is not None else args.ddp_timeout
             self._rollout_group = RolloutGroup(self.accelerator, timeout)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card (tags `trl` and `treepo`, the TreePO citation), plus the run's TreePO configuration."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as card:
+            text = card.read()
+        section = (
+            "### TreePO configuration\n\nEach prompt grew a tree of segments whose leaves are its completions "
+            "([TreePO](https://huggingface.co/papers/2508.17445), trained with the `trl-treepo` package):\n\n"
+            f"{configuration_card(self.args)}\n\n"
+        )
+        marker = "### Framework versions"
+        text = text.replace(marker, section + marker) if marker in text else text + "\n" + section
+        with open(path, "w", encoding="utf-8") as card:
+            card.write(text)
 
     # --------------------------------------------------------------------------------------------------- rollout
 

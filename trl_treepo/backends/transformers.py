@@ -3,8 +3,8 @@
 A tree level is one `generate` call over every branch of every live node. Between levels the engine keeps the KV
 cache: a continuing path's row holds exactly its prompt and response so far, so its children are served by
 selecting (and repeating) that row instead of re-reading the shared prefix (TreePO's KV reuse, paper §2.1). A
-level whose nodes are not all in the last cache (a fallback branch, the first level) reads each distinct node's
-prefix once and repeats the result for its branches.
+node that was not decoded at the last level (the first level, a fallback branch) has its prefix read once and
+repeated for its branches; such rows are merged with the cached ones into one batch.
 """
 
 from __future__ import annotations
@@ -118,22 +118,12 @@ class TransformersSegmentEngine:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _rows_from_kept_cache(self, requests, row_source):
-        sequences, attention_mask, cache, row_of = self._kept
-        rows = [row_of.get(tuple(request.token_ids)) for request in requests]
-        if any(row is None for row in rows):
-            return None
-        index = torch.tensor([rows[source] for source in row_source], device=sequences.device)
-        cache.batch_select_indices(index)
-        return sequences[index], attention_mask[index], cache
-
-    def _rows_from_prefill(self, requests, row_source):
-        input_ids, attention_mask = left_pad([r.token_ids for r in requests], self.pad_token_id, self.device)
-        index = torch.tensor(row_source, device=input_ids.device)
-        if not self.reuse_kv_cache or input_ids.size(1) < 2:
-            return input_ids[index], attention_mask[index], None
-        # Read each distinct node's prefix once (all but its last token, which `generate` feeds itself), then
-        # repeat the cache rows for its branches.
+    def _prefill(self, sequences) -> tuple[torch.Tensor, torch.Tensor, DynamicCache | None]:
+        """Left-padded ids and mask of `sequences`, and the KV cache of all but their last token."""
+        input_ids, attention_mask = left_pad(sequences, self.pad_token_id, self.device)
+        if not self.reuse_kv_cache:
+            return input_ids, attention_mask, None
+        # `generate` feeds the last token itself, so the cache stops one short.
         cache = DynamicCache(config=self.model.config)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self.model(
@@ -145,19 +135,65 @@ class TransformersSegmentEngine:
             logits_to_keep=1,
         )
         self.prefilled_tokens += int(attention_mask[:, :-1].sum())
-        cache.batch_select_indices(index)
-        return input_ids[index], attention_mask[index], cache
+        return input_ids, attention_mask, cache
+
+    def _prepare_rows(self, requests, row_source):
+        """Ids, mask and cache for every branch row: kept cache rows where a node was decoded at the last level
+        (its children), a fresh prefill of each other distinct node (first level, fallback branches)."""
+        if any(len(r.token_ids) < 2 for r in requests):  # nothing to prefill for a one-token node: no cache
+            self._kept = None
+            ids, mask = left_pad([r.token_ids for r in requests], self.pad_token_id, self.device)
+            index = torch.tensor(row_source, device=ids.device)
+            return list(range(len(row_source))), ids[index], mask[index], None
+        kept_rows = {}
+        if self._kept is not None:
+            row_of = self._kept[3]
+            kept_rows = {i: row_of[key] for i, r in enumerate(requests) if (key := tuple(r.token_ids)) in row_of}
+        fresh = [i for i in range(len(requests)) if i not in kept_rows]
+        parts = []  # (rows of this part in branch order, ids, mask, cache)
+        if kept_rows:
+            sequences, attention_mask, cache, _ = self._kept
+            rows = [row for row, source in enumerate(row_source) if source in kept_rows]
+            index = torch.tensor([kept_rows[row_source[row]] for row in rows], device=sequences.device)
+            cache.batch_select_indices(index)
+            parts.append((rows, sequences[index], attention_mask[index], cache))
+        self._kept = None  # the selected rows hold what is needed; free the rest before prefilling
+        if fresh:
+            ids, mask, cache = self._prefill([requests[i].token_ids for i in fresh])
+            slot = {request: k for k, request in enumerate(fresh)}
+            rows = [row for row, source in enumerate(row_source) if source in slot]
+            index = torch.tensor([slot[row_source[row]] for row in rows], device=ids.device)
+            if cache is not None:
+                cache.batch_select_indices(index)
+            parts.append((rows, ids[index], mask[index], cache))
+        if len(parts) == 1:
+            return parts[0]
+        return self._merge(parts)
+
+    def _merge(self, parts):
+        """Stack parts of different widths into one batch: left-pad ids with pad, the mask with 0, KV with zeros."""
+        width = max(ids.size(1) for _, ids, _, _ in parts)
+        rows, ids_list, mask_list, keys, values = [], [], [], None, None
+        for part_rows, ids, mask, cache in parts:
+            extra = width - ids.size(1)
+            rows += part_rows
+            ids_list.append(torch.nn.functional.pad(ids, (extra, 0), value=self.pad_token_id))
+            mask_list.append(torch.nn.functional.pad(mask, (extra, 0), value=0))
+            layer_keys = [torch.nn.functional.pad(layer.keys, (0, 0, extra, 0)) for layer in cache.layers]
+            layer_values = [torch.nn.functional.pad(layer.values, (0, 0, extra, 0)) for layer in cache.layers]
+            keys = layer_keys if keys is None else [torch.cat(p, 0) for p in zip(keys, layer_keys)]
+            values = layer_values if values is None else [torch.cat(p, 0) for p in zip(values, layer_values)]
+        merged = DynamicCache()
+        for layer, (layer_keys, layer_values) in enumerate(zip(keys, values)):
+            merged.update(layer_keys, layer_values, layer)
+        return rows, torch.cat(ids_list), torch.cat(mask_list), merged
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]:
         if not requests:
             return []
-        row_source = [i for i, request in enumerate(requests) for _ in range(request.num_branches)]
-        prepared = self._rows_from_kept_cache(requests, row_source) if self._kept is not None else None
-        if prepared is None:
-            self._kept = None  # free the old cache before building a new one
-            prepared = self._rows_from_prefill(requests, row_source)
-        input_ids, attention_mask, cache = prepared
-        self._kept = None
+        branch_source = [i for i, request in enumerate(requests) for _ in range(request.num_branches)]
+        rows, input_ids, attention_mask, cache = self._prepare_rows(requests, branch_source)
+        row_source = [branch_source[row] for row in rows]
 
         max_new_tokens = max(request.max_tokens for request in requests)
         config = copy.copy(self.generation_config)

@@ -56,8 +56,16 @@ class VLLMColocateEngine:
         if not requests:
             return []
         prompts = [{"prompt_token_ids": list(request.token_ids)} for request in requests]
+        # No detokenization: the sampler decodes each finished segment once itself, while vLLM would decode every
+        # token incrementally (and every logprob's token string) on the host, competing with the engine for CPU.
         params = [
-            SamplingParams(**self.sampling, n=request.num_branches, max_tokens=request.max_tokens, logprobs=0)
+            SamplingParams(
+                **self.sampling,
+                n=request.num_branches,
+                max_tokens=request.max_tokens,
+                logprobs=0,
+                detokenize=False,
+            )
             for request in requests
         ]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)

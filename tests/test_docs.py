@@ -1,0 +1,29 @@
+"""Documentation that is generated from the code, or that names code, must not drift from it."""
+
+import re
+from pathlib import Path
+
+from trl_treepo import TreePOConfig
+from trl_treepo.config import configuration_reference, treepo_fields
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_configuration_reference_is_generated_from_treepo_config():
+    text = (DOCS / "configuration.md").read_text()
+    block = re.search(r"<!-- BEGIN GENERATED[^>]*-->\n(.*?)\n<!-- END GENERATED -->", text, re.S).group(1)
+    assert block == configuration_reference(), "docs/configuration.md is stale: run `python -m trl_treepo.config`"
+
+
+def test_every_treepo_field_is_documented_in_the_class_docstring_and_its_help():
+    docstring = TreePOConfig.__doc__
+    for field in treepo_fields():
+        assert f"{field.name} (`" in docstring, f"{field.name} is missing from TreePOConfig's docstring"
+        assert field.metadata.get("help"), f"{field.name} has no metadata help"
+
+
+def test_algorithm_doc_maps_every_tree_knob():
+    text = (DOCS / "algorithm.md").read_text()
+    for field in treepo_fields():
+        if field.name.startswith("tree_") and "server" not in field.name and "timeout" not in field.name:
+            assert re.search(rf"\b{field.name}\b", text), f"docs/algorithm.md does not mention {field.name}"
