@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	touch $@
 
+# The main job, offline: a tiny Qwen2, a short SFT warm-up, then TreePO through vLLM colocate. See docs/quickstart.md.
+demo: setup
+	$(PY) examples/demo.py --output_dir outputs/demo
+
 test: setup
 	$(PY) -m pytest -q
 

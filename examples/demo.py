@@ -8,7 +8,7 @@
    decoded vs leaf tokens per step), `tree.html` (one rollout tree of the trained model), `metrics.json` (held-out
    accuracy before and after, per-step logs).
 
-    python examples/demo.py --output_dir outputs/demo [--backend transformers] [--max_steps 60]
+    python examples/demo.py --output_dir outputs/demo [--backend transformers] [--max_steps 60] [--grpo]
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def plot_training(log_history: list[dict], path: Path) -> None:
     left.set_ylabel("reward")
     left.set_title("Reward")
     left.legend()
-    right.plot(steps, [entry["tree/leaf_tokens"] for entry in logs], label="leaf tokens (trained on)")
-    right.plot(steps, [entry["tree/decoded_tokens"] for entry in logs], label="decoded tokens (generated)")
+    if "tree/leaf_tokens" in logs[0]:  # absent in the --grpo baseline
+        right.plot(steps, [entry["tree/leaf_tokens"] for entry in logs], label="leaf tokens (trained on)")
+        right.plot(steps, [entry["tree/decoded_tokens"] for entry in logs], label="decoded tokens (generated)")
     right.set_xlabel("step")
     right.set_ylabel("tokens per step")
     right.set_title("Tokens: tree decodes shared prefixes once")
@@ -112,14 +113,17 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--model_name_or_path", help="start from this model instead of a fresh tiny one")
     parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
-    parser.add_argument("--sft_steps", type=int, default=300)
-    parser.add_argument("--max_steps", type=int, default=60)
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--sft_steps", type=int, default=600, help="0 skips the warm-up")
+    parser.add_argument("--max_steps", type=int, default=40)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--prompts_per_step", type=int, default=8)
     parser.add_argument("--num_generations", type=int, default=8)
     parser.add_argument("--segment_length", type=int, default=8)
     parser.add_argument("--max_depth", type=int, default=4)
+    parser.add_argument("--initial_divergence", type=int, default=None, help="root branches (default: branching)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grpo", action="store_true",
+                        help="A/B baseline: TRL's GRPO (sequential samples, GRPO advantages) in place of TreePO")
     args = parser.parse_args()
 
     from trl.rewards import accuracy_reward
@@ -134,8 +138,11 @@ def main() -> None:
 
     base = args.model_name_or_path or make_tiny_model(output / "tiny-base", seed=args.seed)
     print(f"[demo] SFT warm-up of {base} on {TASK} worked answers ({args.sft_steps} steps)", flush=True)
-    warm = make_warm_model(output / "warm", TASK, base_model=base, examples=4000, steps=args.sft_steps,
-                           batch_size=16, learning_rate=3e-3, seed=args.seed, task_config=TASK_CONFIG)
+    warm = base
+    if args.sft_steps > 0:
+        warm = make_warm_model(output / "warm", TASK, base_model=base, examples=4000, steps=args.sft_steps,
+                               batch_size=16, learning_rate=3e-3, seed=args.seed, task_config=TASK_CONFIG)
+    report["minutes_sft"] = (time.monotonic() - started) / 60
     report["accuracy_before"] = held_out_accuracy(warm, size=200, seed=10_000)
     print(f"[demo] held-out accuracy after SFT: {report['accuracy_before']:.1%}", flush=True)
 
@@ -148,6 +155,10 @@ def main() -> None:
         num_generations=args.num_generations,
         tree_segment_length=args.segment_length,
         tree_max_depth=args.max_depth,
+        tree_initial_divergence=args.initial_divergence,
+        tree_sampling=not args.grpo,
+        tree_advantage_estimator="grpo" if args.grpo else "tree",
+        tree_filter_zero_std_prompts=not args.grpo,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
@@ -171,7 +182,9 @@ def main() -> None:
         train_dataset=make_math_dataset(TASK, size=args.max_steps * args.prompts_per_step, seed=args.seed + 1,
                                         **TASK_CONFIG),
     )
+    rl_started = time.monotonic()
     trainer.train()
+    report["minutes_treepo"] = (time.monotonic() - rl_started) / 60
     trainer.save_model(str(output))
     trainer.create_model_card(model_name=output.name, dataset_name=None)
 
@@ -183,8 +196,8 @@ def main() -> None:
     window = max(len(logs) // 4, 1)
     report["reward_first_quarter"] = sum(e["reward"] for e in logs[:window]) / window
     report["reward_last_quarter"] = sum(e["reward"] for e in logs[-window:]) / window
-    report["decoded_over_leaf_tokens"] = sum(e["tree/decoded_tokens"] for e in logs) / sum(
-        e["tree/leaf_tokens"] for e in logs
+    report["decoded_over_leaf_tokens"] = sum(e.get("tree/decoded_tokens", 1) for e in logs) / sum(
+        e.get("tree/leaf_tokens", 1) for e in logs
     )
     report["accuracy_after"] = held_out_accuracy(str(output), size=200, seed=10_000)
     plot_training(trainer.state.log_history, output / "training.png")

@@ -159,10 +159,9 @@ def test_a_hanging_server_fails_the_level_after_the_timeout_instead_of_hanging()
         server.close()
 
 
-def test_a_dead_server_fails_the_rollout_with_the_url():
-    url = f"http://127.0.0.1:{free_port()}"
-    generation = SimpleNamespace(
-        accelerator=SimpleNamespace(is_main_process=True, process_index=0, num_processes=1),
+def server_generation(url, rank=0, num_processes=1):
+    return SimpleNamespace(
+        accelerator=SimpleNamespace(is_main_process=rank == 0, process_index=rank, num_processes=num_processes),
         vllm_client=fake_client(url),
         repetition_penalty=1.0,
         temperature=1.0,
@@ -171,9 +170,38 @@ def test_a_dead_server_fails_the_rollout_with_the_url():
         min_p=0.0,
         generation_kwargs={},
     )
+
+
+def test_a_dead_server_fails_the_rollout_with_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    generation = server_generation(url)
     group = RolloutGroup(generation.accelerator, timeout_seconds=5)
     with pytest.raises(ServerRequestError, match=url):
         server_rollout(generation, [[1, 2, 3]] * 4, 4, PARAMS, None, group, request_timeout=2, max_retries=0)
+
+
+def _failing_rollout_worker(rank, port, url, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        generation = server_generation(url, rank=rank, num_processes=2)
+        group = RolloutGroup(generation.accelerator, timeout_seconds=60)
+        try:
+            server_rollout(generation, [[1, 2, 3]] * 4, 4, PARAMS, None, group, request_timeout=2, max_retries=0)
+            results[rank] = "no error"
+        except ServerRequestError as error:
+            results[rank] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failed_rollout_on_the_main_process_reaches_every_process():
+    url = f"http://127.0.0.1:{free_port()}"
+    results = mp.Manager().dict()
+    started = time.monotonic()
+    mp.spawn(_failing_rollout_worker, args=(free_port(), url, results), nprocs=2, join=True)
+    assert time.monotonic() - started < 50  # well inside the group's 60 s timeout: nobody waited it out
+    assert url in results[0] and url in results[1] and "main process failed" in results[1]
 
 
 def _rollout_group_worker(rank, port, timeout, delay, results):

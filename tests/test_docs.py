@@ -27,3 +27,13 @@ def test_algorithm_doc_maps_every_tree_knob():
     for field in treepo_fields():
         if field.name.startswith("tree_") and "server" not in field.name and "timeout" not in field.name:
             assert re.search(rf"\b{field.name}\b", text), f"docs/algorithm.md does not mention {field.name}"
+
+
+def test_every_test_the_docs_name_exists():
+    named = set()
+    for page in DOCS.glob("*.md"):
+        named |= set(re.findall(r"(tests/\w+\.py)::(\w+)", page.read_text()))
+    assert named, "docs/reliability.md names no tests"
+    for module, name in sorted(named):
+        source = (DOCS.parent / module).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"{module}::{name} is named in the docs but does not exist"

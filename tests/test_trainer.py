@@ -1,5 +1,8 @@
 """TreePOTrainer end to end on CPU with the transformers backend."""
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from datasets import Dataset
@@ -64,7 +67,6 @@ def test_train_end_to_end_decodes_fewer_tokens_than_it_trains_on(tiny_model, tmp
         assert entry["tree/engine_calls"] >= 3
         reasons = sum(v for k, v in entry.items() if k.startswith("tree/finish_reason/"))
         assert reasons == pytest.approx(1.0)
-    assert trainer.create_model_card is not None
 
 
 def test_standard_prompts_and_weighted_reward_functions(tiny_model, tmp_path):
@@ -150,35 +152,47 @@ def test_prompt_groups_that_are_not_whole_per_process_are_rejected(tmp_path, mon
     assert TreePOConfig(**kwargs, tree_sampling=False).generation_batch_size == 4
 
 
-@pytest.mark.parametrize(
-    "overrides, field",
-    [
-        (dict(tree_segment_length=0), "tree_segment_length"),
-        (dict(tree_max_depth=-1), "tree_max_depth"),
-        (dict(tree_branching_factor=0), "tree_branching_factor"),
-        (dict(tree_divergence_policy="wide"), "tree_divergence_policy"),
-        (dict(tree_fallback_policy="dfs"), "tree_fallback_policy"),
-        (dict(tree_answer_stop="eos"), "tree_answer_stop"),
-        (dict(tree_advantage_estimator="ppo"), "tree_advantage_estimator"),
-        (dict(tree_advantage_weighting="mean"), "tree_advantage_weighting"),
-        (dict(tree_advantage_normalization="group"), "tree_advantage_normalization"),
-        (dict(tree_repetition_priority="middle"), "tree_repetition_priority"),
-        (dict(max_completion_length=100), "max_completion_length"),
-        (dict(tree_initial_divergence=0), "tree_initial_divergence"),
-        (dict(tree_initial_divergence=3, tree_initial_divergence_max=2), "tree_initial_divergence_max"),
-        (dict(tree_divergence_temperature=0.0), "tree_divergence_temperature"),
-        (dict(tree_repetition_window=-1), "tree_repetition_window"),
-        (dict(tree_segment_advantage_discount=-0.5), "tree_segment_advantage_discount"),
-        (dict(tree_sampling=False, tree_advantage_estimator="tree_segment"), "tree_sampling"),
-        (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
-    ],
-)
+BAD_VALUES = [
+    (dict(tree_segment_length=0), "tree_segment_length"),
+    (dict(tree_max_depth=-1), "tree_max_depth"),
+    (dict(tree_branching_factor=0), "tree_branching_factor"),
+    (dict(tree_divergence_policy="wide"), "tree_divergence_policy"),
+    (dict(tree_fallback_policy="dfs"), "tree_fallback_policy"),
+    (dict(tree_answer_stop="eos"), "tree_answer_stop"),
+    (dict(tree_advantage_estimator="ppo"), "tree_advantage_estimator"),
+    (dict(tree_advantage_weighting="mean"), "tree_advantage_weighting"),
+    (dict(tree_advantage_normalization="group"), "tree_advantage_normalization"),
+    (dict(tree_repetition_priority="middle"), "tree_repetition_priority"),
+    (dict(max_completion_length=100), "max_completion_length"),
+    (dict(tree_initial_divergence=0), "tree_initial_divergence"),
+    (dict(tree_initial_divergence=3, tree_initial_divergence_max=2), "tree_initial_divergence_max"),
+    (dict(tree_divergence_temperature=0.0), "tree_divergence_temperature"),
+    (dict(tree_repetition_window=-1), "tree_repetition_window"),
+    (dict(tree_segment_advantage_discount=-0.5), "tree_segment_advantage_discount"),
+    (dict(tree_sampling=False, tree_advantage_estimator="tree_segment"), "tree_sampling"),
+    (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
+    (dict(tree_repetition_min_count=-1), "tree_repetition_min_count"),
+    (dict(tree_server_request_timeout=0), "tree_server_request_timeout"),
+    (dict(tree_server_max_retries=-1), "tree_server_max_retries"),
+    (dict(tree_rollout_timeout=0.0), "tree_rollout_timeout"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD_VALUES)
 def test_config_validation_names_the_field(tmp_path, overrides, field):
     base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
                 tree_segment_length=4, tree_max_depth=2)
     base.update(overrides)
     with pytest.raises(ValueError, match=field):
         TreePOConfig(**base)
+
+
+def test_every_tree_knob_that_can_be_wrong_has_a_validation_case():
+    from trl_treepo.config import treepo_fields
+
+    covered = {field for _, field in BAD_VALUES}
+    knobs = {f.name for f in treepo_fields() if f.name.startswith("tree_") and f.type != "bool"}
+    assert knobs <= covered, f"no bad-value case for {sorted(knobs - covered)}"
 
 
 def test_config_derives_the_completion_budget_from_segments_and_depth(tmp_path):
@@ -212,3 +226,44 @@ def test_tools_are_rejected_with_tree_sampling(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="tools"):
         TreePOTrainer(model=tiny_model, reward_funcs=reward_length, args=tiny_args(tmp_path),
                       train_dataset=make_math_dataset(size=4), tools=[add])
+
+
+class FakeHubApi:
+    """Stands in for huggingface_hub's HfApi (no Hub here): records the repo and what the upload would send."""
+
+    def __init__(self):
+        self.uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=f"someone/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        files = {path.name: path for path in Path(folder_path).iterdir() if path.is_file()}
+        self.uploads.append((repo_id, sorted(files), files["README.md"].read_text()))
+
+
+def test_push_to_hub_uploads_the_model_with_a_treepo_model_card(tiny_model, tmp_path, monkeypatch):
+    import transformers.trainer
+
+    api = FakeHubApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    trainer, _, _, _ = train(tiny_model, tmp_path / "my-treepo-model", max_steps=1, tree_branching_factor=3)
+    trainer.push_to_hub(dataset_name="reasoning-gym/basic_arithmetic")
+    ((repo_id, files, card),) = api.uploads
+    assert repo_id == "someone/my-treepo-model"
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    header = card.split("---")[1]
+    assert "- trl" in header and "- treepo" in header
+    assert "@article{li2025treepo" in card and "2508.17445" in card
+    section = card.split("### TreePO configuration")[1].split("###")[0]
+    assert "| tree_branching_factor | 3 |" in section.replace("`", "")
+    assert "reasoning-gym/basic_arithmetic" in card
+
+
+def test_log_completions_writes_one_tree_picture_per_logging_step(tiny_model, tmp_path):
+    trainer, logs, _, _ = train(tiny_model, tmp_path, max_steps=2, log_completions=True)
+    pictures = sorted((tmp_path / "trees").glob("*.html"))
+    assert [p.name for p in pictures] == ["step-000001.html", "step-000002.html"]
+    page = pictures[0].read_text()
+    assert page.count("<svg") == 1 and page.count(" R=") == 4 and page.count(" A=") == 4  # one tag per leaf
+    assert page.count("<rect") > 4  # segments drawn as boxes

@@ -130,6 +130,14 @@ def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(coloc
     assert set(report["max_abs_gap_by_depth"]) == set(range(1, DEPTH + 1))
 
 
+def test_colocate_rejects_a_prompt_the_engine_cannot_hold(colocate_run):
+    trainer, _, _ = colocate_run
+    room = 1024 - trainer.args.max_completion_length  # vllm_max_model_length minus the completion budget
+    trainer._check_prompts([[1] * room, [1, 2]])  # fits exactly
+    with pytest.raises(ValueError, match=r"A prompt of 961 tokens plus max_completion_length \(64\) needs 1025"):
+        trainer._check_prompts([[1] * (room + 1), [1, 2]])
+
+
 # ------------------------------------------------------------------------------------------------------ server
 
 
@@ -248,3 +256,67 @@ def test_unreachable_server_names_the_url_and_the_launch_command(tiny_model, tmp
             train_dataset=make_math_dataset(size=8),
         )
     assert url in str(error.value) and "trl vllm-serve --model" in str(error.value)
+
+
+class KillableProxy:
+    """An HTTP front for the real server that can be killed, as a server process dying mid-training would be."""
+
+    def __init__(self, target):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import requests
+
+        class Forward(BaseHTTPRequestHandler):
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = requests.request(self.command, target + self.path, data=body, headers=headers, timeout=120)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kill(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _KillServerAfter(TrainerCallback):
+    def __init__(self, proxy, step):
+        self.proxy, self.step = proxy, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.proxy.kill()
+
+
+def test_a_server_that_dies_mid_training_fails_the_next_step_with_a_clear_error(vllm_server, tiny_model, tmp_path,
+                                                                                monkeypatch):
+    install_fake_communicator(monkeypatch)
+    proxy = KillableProxy(vllm_server)
+    trainer = TreePOTrainer(
+        model=tiny_model,
+        reward_funcs=reward_length,
+        args=vllm_args(tmp_path, vllm_mode="server", vllm_server_base_url=proxy.url, max_steps=3,
+                       tree_server_request_timeout=20, tree_server_max_retries=1),
+        train_dataset=make_math_dataset(size=32),
+    )
+    trainer.add_callback(_KillServerAfter(proxy, step=1))
+    started = time.monotonic()
+    with pytest.raises(ServerRequestError) as error:
+        trainer.train()
+    assert time.monotonic() - started < 120
+    assert trainer.state.global_step == 1
+    message = str(error.value)
+    assert proxy.url in message and "step 1" in message and "still running" in message

@@ -11,6 +11,8 @@ Wiring only. Three GRPOTrainer methods are extended, each through `super()`:
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import textwrap
 import types
@@ -21,12 +23,54 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import is_async_callable
 
 from .advantages import compute_segment_advantages, compute_tree_advantages, whiten
 from .backends.transformers import TransformersSegmentEngine
-from .backends.vllm import RolloutGroup, colocate_rollout, engine_runs_on_cpu, server_rollout, sync_weights_by_reload
+from .backends.vllm import (
+    RolloutGroup,
+    ServerRequestError,
+    colocate_rollout,
+    engine_runs_on_cpu,
+    server_rollout,
+    sync_weights_by_reload,
+)
 from .config import TreePOConfig, configuration_card
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
+from .visualize import render_tree_html
+
+
+logger = logging.getLogger(__name__)
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised; the message names it."""
+
+
+def _naming_failures(func, name: str):
+    """`func`, sync or async as it was, re-raising any exception as a `RewardFunctionError` that names it."""
+
+    def failure(error):
+        return RewardFunctionError(f"The reward function '{name}' raised {type(error).__name__}: {error}")
+
+    if is_async_callable(func):
+
+        async def wrapped(*args, **kwargs):
+            try:
+                return await func(*args, **kwargs)
+            except Exception as error:
+                raise failure(error) from error
+
+    else:
+
+        def wrapped(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except Exception as error:
+                raise failure(error) from error
+
+    functools.update_wrapper(wrapped, func if hasattr(func, "__name__") else func.__call__)
+    return wrapped
 
 
 @dataclass
@@ -106,7 +150,12 @@ class TreePOTrainer(GRPOTrainer):
             )
         self._tree_batch: _TreeBatch | None = None
         self._rewards_per_func: torch.Tensor | None = None
-        self._rollouts_grown = 0
+        self._rollouts_grown = 0  # names rollouts in paths; the same on every process
+        self._rollout_step, self._rollouts_at_step = None, 0
+        self.reward_funcs = [
+            func if isinstance(func, torch.nn.Module) else _naming_failures(func, name)
+            for func, name in zip(self.reward_funcs, self.reward_func_names)
+        ]
         if self.use_vllm and self.vllm_mode == "colocate" and engine_runs_on_cpu():
             # TRL's colocate sync cannot load into vLLM-CPU's prepacked layers; GPU engines keep TRL's own sync.
             self.vllm_generation.sync_weights = types.MethodType(sync_weights_by_reload, self.vllm_generation)
@@ -149,6 +198,7 @@ class TreePOTrainer(GRPOTrainer):
             raise ValueError(
                 "Tree rollouts support text-only prompts. Set tree_sampling=False to train vision-language data."
             )
+        self._check_prompts(prompt_ids)
         with profiling_context(self, "tree.rollout"):
             rows, stats, rollout_key = self._grow_rows(prompt_ids, num_generations)
         paths = [
@@ -177,14 +227,48 @@ class TreePOTrainer(GRPOTrainer):
         return [list(root) for root in roots]
 
     def _sampling_params(self):
-        # Vary the sampler's own choices per rollout and process, reproducibly under args.seed. The ranks of a
-        # colocated tensor-parallel group grow the same trees, so they share a seed.
+        # The sampler's own choices vary per rollout and process, and are a function of args.seed and the training
+        # step (not of a counter that a resumed run would restart), so a resumed run grows the trees the uninterrupted
+        # one would have. The ranks of a colocated tensor-parallel group grow the same trees, so they share a seed.
         rank = self.accelerator.process_index
         if self.use_vllm and self.vllm_mode == "colocate":
             rank //= self.args.vllm_tensor_parallel_size
-        seed = (self.args.seed * 1_000_003 + self._rollouts_grown * 7919 + rank) % 2**31
+        step = self.state.global_step
+        if self._rollout_step != step:
+            self._rollout_step, self._rollouts_at_step = step, 0
+        seed = (self.args.seed * 1_000_003 + step * 7919 + self._rollouts_at_step * 104_729 + rank) % 2**31
+        self._rollouts_at_step += 1
         self._rollouts_grown += 1
         return self.args.tree_sampling_params(self.eos_token_ids, seed)
+
+    def _check_prompts(self, prompt_ids) -> None:
+        """Clear errors for prompts a tree cannot grow from; TRL itself neither truncates nor filters prompts."""
+        for row, ids in enumerate(prompt_ids):
+            if len(ids) == 0:
+                raise ValueError(
+                    f"Row {row} of this batch has an empty prompt (0 tokens); a tree needs a prompt to grow from. "
+                    "Remove empty prompts from the dataset."
+                )
+        longest = max(len(ids) for ids in prompt_ids)
+        budget = longest + self.args.max_completion_length
+        if self.use_vllm and self.vllm_mode == "colocate":
+            limit = self.vllm_generation.llm.llm_engine.model_config.max_model_len
+            if budget > limit:
+                raise ValueError(
+                    f"A prompt of {longest} tokens plus max_completion_length ({self.args.max_completion_length}) "
+                    f"needs {budget} tokens, beyond the vLLM engine's max_model_len ({limit}). TRL does not truncate "
+                    "prompts: filter long prompts out of the dataset, raise vllm_max_model_length, or lower "
+                    "tree_max_depth / tree_segment_length."
+                )
+        else:
+            limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+            if limit is not None and budget > limit and not getattr(self, "_warned_context", False):
+                self._warned_context = True
+                logger.warning(
+                    f"A prompt of {longest} tokens plus max_completion_length ({self.args.max_completion_length}) "
+                    f"reaches {budget} tokens, beyond the model's max_position_embeddings ({limit}). Generation "
+                    "continues, but quality past that length is not guaranteed; consider filtering long prompts."
+                )
 
     def _grow_rows(self, prompt_ids, num_generations):
         """This process's rows as (leaf, padded), the rollout's work counters, and a key naming the rollout."""
@@ -193,7 +277,7 @@ class TreePOTrainer(GRPOTrainer):
             # Once per training step, never per segment.
             if self.state.global_step != self._last_loaded_step:
                 with profiling_context(self, "sync_weights"):
-                    self.vllm_generation.sync_weights()
+                    self._sync_vllm_weights()
                 self._last_loaded_step = self.state.global_step
             if self.vllm_mode == "server":
                 rows, stats = server_rollout(
@@ -213,6 +297,18 @@ class TreePOTrainer(GRPOTrainer):
         else:
             rollout = self._grow_trees_with_transformers(roots, params)
         return rollout.rows(num_generations), rollout.stats, (self.accelerator.process_index, self._rollouts_grown)
+
+    def _sync_vllm_weights(self) -> None:
+        try:
+            self.vllm_generation.sync_weights()
+        except OSError as error:  # `requests`' errors are OSErrors: the server went away or refused
+            if self.vllm_mode != "server":
+                raise
+            raise ServerRequestError(
+                f"Weight sync with the vLLM server at {self.vllm_generation.vllm_client.base_url} failed at step "
+                f"{self.state.global_step}: {type(error).__name__}: {error}. Is the server still running? Restart it "
+                "and resume from the last checkpoint (trainer.train(resume_from_checkpoint=True))."
+            ) from error
 
     def _grow_trees_with_transformers(self, roots: list[list[int]], params) -> TreeRollout:
         with (
@@ -263,6 +359,8 @@ class TreePOTrainer(GRPOTrainer):
             self._replace_advantages(output, batch, paths)
         if self.args.tree_sampling:
             self._log_tree_metrics(batch, paths)
+            if self.args.log_completions and self.accelerator.is_main_process and self._logs_this_step():
+                self._write_tree_picture(batch, output)
         return output
 
     def _replace_advantages(self, output: dict, batch: _TreeBatch, paths: list[tuple]) -> None:
@@ -275,7 +373,10 @@ class TreePOTrainer(GRPOTrainer):
         rewards_per_func = self._rewards_per_func
         rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
-        keep = ~self.accelerator.gather(torch.tensor(batch.padded, device=device))
+        # TRL's None means "not scored": such a row joins no group statistic and is masked out of the loss, so it adds
+        # neither a KL term nor tokens to the normaliser (GRPOTrainer only zeroes its advantage).
+        keep = ~self.accelerator.gather(torch.tensor(batch.padded, device=device)) & ~torch.isnan(rewards)
+        self._metrics["train"]["tree/unscored_leaf_ratio"].append(torch.isnan(rewards).float().mean().item())
 
         # Dynamic sampling (paper §3.1): a prompt whose scored leaves all share one reward teaches nothing.
         if args.tree_filter_zero_std_prompts:
@@ -348,6 +449,45 @@ class TreePOTrainer(GRPOTrainer):
         logged.extend(advantages.tolist())
 
     # --------------------------------------------------------------------------------------------------- metrics
+
+    def _logs_this_step(self) -> bool:
+        every = self.args.logging_steps
+        if every < 1:  # a ratio of max_steps, as in transformers
+            every = max(int(every * self.state.max_steps), 1)
+        return self.state.global_step % int(every) == 0
+
+    def _write_tree_picture(self, batch: _TreeBatch, output: dict) -> None:
+        """The main process's first tree of this step, with rewards and advantages, as `trees/step-<N>.html`.
+
+        Alongside TRL's completion logging (`log_completions=True`), for looking at what the rollout did.
+        """
+        width = self.num_generations
+        rows = [row for row in range(min(width, len(batch.leaves))) if not batch.padded[row]]
+        leaves = [batch.leaves[row] for row in rows]
+        if not leaves or any(leaf is None for leaf in leaves):
+            return
+        per_func = self._rewards_per_func[rows].cpu()
+        rewards = (per_func * self.reward_weights.cpu().unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
+        advantages = output["advantages"][rows].float().cpu()
+        if advantages.dim() == 2:  # per token: show each leaf's mean over its tokens
+            mask = output["completion_mask"][rows].float().cpu()
+            advantages = (advantages * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        prompt_ids = output["prompt_ids"][rows[0]][output["prompt_mask"][rows[0]].bool()].tolist()
+        step = self.state.global_step + 1
+        page = render_tree_html(
+            leaves,
+            self.args.tree_segment_length,
+            self._tokenizer.decode,
+            rewards.tolist(),
+            advantages.tolist(),
+            title=f"Step {step}: one TreePO rollout tree",
+            prompt_text=self._tokenizer.decode(prompt_ids),
+        )
+        folder = os.path.join(self.args.output_dir, "trees")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step-{step:06d}.html"), "w") as handle:
+            handle.write(page)
 
     def _log_tree_metrics(self, batch: _TreeBatch, paths: list[tuple]) -> None:
         """`tree/*` metrics over the whole batch: the engine's work, and the shape of the trees."""

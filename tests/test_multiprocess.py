@@ -1,0 +1,81 @@
+"""`accelerate launch` with two CPU processes (gloo): whole trees per process, advantages over the right groups.
+
+The job (multiprocess_job.py) trains two steps and dumps, per process, the rows it trained and what it gathered.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_treepo import compute_tree_advantages, whiten
+from trl_treepo.testing import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH = 4
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model, tmp_path_factory):
+    output = tmp_path_factory.mktemp("two-processes")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "examples/accelerate_configs/multi_cpu.yaml"),
+        "--main_process_port", str(free_port()),
+        str(ROOT / "tests/multiprocess_job.py"), tiny_model, str(output),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_both_processes_train_the_same_model(two_process_run):
+    first, second = two_process_run
+    assert first["world_size"] == second["world_size"] == 2
+    assert first["checksum"] == second["checksum"]
+    untimed = [[{k: v for k, v in entry.items() if k != "step_time"} for entry in run["logs"]] for run in two_process_run]
+    assert len(untimed[0]) == 2 and untimed[0] == untimed[1]
+    assert all(entry["tree/decoded_tokens"] < entry["tree/leaf_tokens"] for entry in first["logs"])
+
+
+def test_every_process_owns_whole_trees(two_process_run):
+    for step in range(2):
+        ranks = [run["steps"][step] for run in two_process_run]
+        assert ranks[0]["paths"] == ranks[1]["paths"]  # the gathered view is the same everywhere
+        everything = ranks[0]["paths"]
+        roots_per_rank = []
+        for rank, seen in enumerate(ranks):
+            local = seen["local_paths"]
+            assert everything[rank * len(local) : (rank + 1) * len(local)] == local
+            roots = [eval(path)[0] for path in local]
+            groups = [roots[i : i + WIDTH] for i in range(0, len(roots), WIDTH)]
+            assert all(len(set(group)) == 1 for group in groups)  # a tree's leaves are consecutive rows here
+            assert len({group[0] for group in groups}) == len(groups)
+            for start in range(0, len(local), WIDTH):  # and they answer one prompt
+                prompts = {
+                    tuple(t for t, m in zip(seen["prompt_ids"][row], seen["prompt_mask"][row]) if m)
+                    for row in range(start, start + WIDTH)
+                }
+                assert len(prompts) == 1
+            roots_per_rank.append(set(roots))
+        assert not roots_per_rank[0] & roots_per_rank[1]
+
+
+def test_advantages_are_computed_over_the_gathered_tree_groups(two_process_run):
+    for step in range(2):
+        ranks = [run["steps"][step] for run in two_process_run]
+        rewards = torch.tensor(ranks[0]["rewards"], dtype=torch.float64)  # gathered: every row of both processes
+        assert ranks[1]["rewards"] == ranks[0]["rewards"]
+        paths = [eval(path) for path in ranks[0]["paths"]]
+        grouped = rewards.view(-1, WIDTH)
+        informative = (grouped.max(dim=1).values > grouped.min(dim=1).values).repeat_interleave(WIDTH)
+        counts = torch.tensor(ranks[0]["token_counts"] + ranks[1]["token_counts"], dtype=torch.float64)
+        expected = compute_tree_advantages(torch.where(informative, rewards, torch.nan), paths)
+        expected = torch.nan_to_num(whiten(expected, counts), nan=0.0)
+        trained = torch.tensor(ranks[0]["advantages"] + ranks[1]["advantages"], dtype=torch.float64)
+        torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
