@@ -76,7 +76,7 @@ def plot_training(log_history: list[dict], path: Path) -> None:
 
 
 def draw_one_tree(model_path: str, args, path: Path) -> None:
-    """Grow one tree with the trained model and write it as HTML, with rewards and tree advantages."""
+    """Grow trees with the trained model and draw the first whose leaves disagree, with rewards and advantages."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from trl.rewards import accuracy_reward
@@ -88,17 +88,21 @@ def draw_one_tree(model_path: str, args, path: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    row = make_math_dataset(TASK, size=1, seed=args.seed + 7, **TASK_CONFIG)[0]
-    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
     eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, eos_token_id=eos, pad_token_id=eos[1])
     params = TreeSamplingParams(width=args.num_generations, segment_length=args.segment_length,
                                 max_depth=args.max_depth, eos_token_ids=tuple(eos), seed=args.seed)
+    engine = TransformersSegmentEngine(model, config, eos[1])
     torch.manual_seed(args.seed)
-    with torch.no_grad():
-        leaves = grow_trees(TransformersSegmentEngine(model, config, eos[1]), [prompt], params, tokenizer.decode).leaves[0]
-    completions = [[{"content": tokenizer.decode(leaf.token_ids, skip_special_tokens=True)}] for leaf in leaves]
-    rewards = torch.tensor(accuracy_reward(completions, [row["solution"]] * len(leaves)), dtype=torch.float64)
+    for row in make_math_dataset(TASK, size=20, seed=args.seed + 7, **TASK_CONFIG):
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+        with torch.no_grad():
+            leaves = grow_trees(engine, [prompt], params, tokenizer.decode).leaves[0]
+        completions = [[{"content": tokenizer.decode(leaf.token_ids, skip_special_tokens=True)}] for leaf in leaves]
+        rewards = torch.tensor(accuracy_reward(completions, [row["solution"]] * len(leaves)), dtype=torch.float64)
+        if rewards.max() > rewards.min():  # a tree whose leaves disagree shows what the advantages do
+            break
     advantages = compute_tree_advantages(rewards, [leaf.path for leaf in leaves])
     advantages = whiten(advantages, torch.tensor([len(leaf.token_ids) for leaf in leaves], dtype=torch.float64))
     path.write_text(

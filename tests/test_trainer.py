@@ -258,6 +258,8 @@ def test_push_to_hub_uploads_the_model_with_a_treepo_model_card(tiny_model, tmp_
     section = card.split("### TreePO configuration")[1].split("###")[0]
     assert "| tree_branching_factor | 3 |" in section.replace("`", "")
     assert "reasoning-gym/basic_arithmetic" in card
+    assert "None" not in card.split("## Training procedure")[0]  # the base model was a local directory
+    assert 'model="someone/my-treepo-model"' in card
 
 
 def test_log_completions_writes_one_tree_picture_per_logging_step(tiny_model, tmp_path):

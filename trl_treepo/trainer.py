@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import textwrap
 import types
 from dataclasses import dataclass
@@ -172,6 +173,13 @@ class TreePOTrainer(GRPOTrainer):
             return
         with open(path, encoding="utf-8") as card:
             text = card.read()
+        # TRL's card names the base model only when it comes from the Hub; do not link a local one as "None".
+        text = re.sub(
+            r"This model is a fine-tuned version of \[None\]\(https://huggingface\.co/None\)( on the .*? dataset)?\.\n",
+            lambda match: f"This model was trained{match.group(1)}.\n" if match.group(1) else "",
+            text,
+        )
+        text = text.replace('model="None"', f'model="{self.hub_model_id or self.args.output_dir}"')
         section = (
             "### TreePO configuration\n\nEach prompt grew a tree of segments whose leaves are its completions "
             "([TreePO](https://huggingface.co/papers/2508.17445), trained with the `trl-treepo` package):\n\n"
@@ -363,16 +371,21 @@ class TreePOTrainer(GRPOTrainer):
                 self._write_tree_picture(batch, output)
         return output
 
+    def _summed_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over reward functions, as TRL sums them; NaN where no function scored the row."""
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        return rewards
+
     def _replace_advantages(self, output: dict, batch: _TreeBatch, paths: list[tuple]) -> None:
         args, device = self.args, self.accelerator.device
         num_local = output["completion_ids"].size(0)
         rank = self.accelerator.process_index
         process_slice = slice(rank * num_local, (rank + 1) * num_local)
 
-        # Rewards of every row of every process, as TRL sums them; NaN = no reward function scored the row.
-        rewards_per_func = self._rewards_per_func
-        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        # Rewards of every row of every process.
+        rewards = self._summed_rewards(self._rewards_per_func)
         # TRL's None means "not scored": such a row joins no group statistic and is masked out of the loss, so it adds
         # neither a KL term nor tokens to the normaliser (GRPOTrainer only zeroes its advantage).
         keep = ~self.accelerator.gather(torch.tensor(batch.padded, device=device)) & ~torch.isnan(rewards)
@@ -466,9 +479,7 @@ class TreePOTrainer(GRPOTrainer):
         leaves = [batch.leaves[row] for row in rows]
         if not leaves or any(leaf is None for leaf in leaves):
             return
-        per_func = self._rewards_per_func[rows].cpu()
-        rewards = (per_func * self.reward_weights.cpu().unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
+        rewards = self._summed_rewards(self._rewards_per_func[rows]).cpu()
         advantages = output["advantages"][rows].float().cpu()
         if advantages.dim() == 2:  # per token: show each leaf's mean over its tokens
             mask = output["completion_mask"][rows].float().cpu()
