@@ -16,7 +16,9 @@ Tree leaves run longer than independent samples (budget transfer hands a stopped
 longer siblings), which lifts TokenPS; `decode_rate_ratio` is the engine-side measure free of that effect.
 `--json` prints one JSON object on the last line. `--sweep-depths` varies depth at a fixed token budget (the paper's
 depth × segment study) and `--plot` draws TokenPS against it. `--train` compares a full TreePOTrainer step with a
-GRPOTrainer step at equal leaves.
+GRPOTrainer step at equal leaves, and a TreePOTrainer step with `tree_packed_training` (each shared prefix forwarded
+once) against one without: step time, loss forward + backward time, and peak memory (CUDA allocations on a GPU, the
+process's peak RSS on a CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -235,6 +238,7 @@ def _train_worker(args) -> dict:
     """One trainer's step times, in its own process (each trainer builds its own vLLM engine)."""
     import tempfile
 
+    import torch
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -243,13 +247,26 @@ def _train_worker(args) -> dict:
 
     class StepTimes(TrainerCallback):
         def __init__(self):
-            self.times, self.started = [], None
+            self.times, self.started, self.loss_times = [], None, []
 
         def on_step_begin(self, *a, **k):
             self.started = time.perf_counter()
+            self.loss_times.append(0.0)
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.started)
+
+    def timed(function, timer):
+        """Adds the time of each call to the current step's loss time (forward + backward of the loss)."""
+
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return function(*a, **k)
+            finally:
+                timer.loss_times[-1] += time.perf_counter() - started
+
+        return wrapper
 
     def length_reward(completions, **kwargs):
         return [float(len(c[0]["content"]) % 13) for c in completions]
@@ -290,19 +307,32 @@ def _train_worker(args) -> dict:
                 tree_max_depth=args.depth,
                 tree_branching_factor=args.branching,
                 tree_initial_divergence=args.initial_divergence,
+                tree_packed_training=args.train_worker == "treepo-packed",
                 **common,
             )
             trainer = TreePOTrainer(args.model, length_reward, args=config, train_dataset=dataset)
         timer = StepTimes()
         trainer.add_callback(timer)
+        trainer.compute_loss = timed(trainer.compute_loss, timer)
+        trainer.accelerator.backward = timed(trainer.accelerator.backward, timer)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry][args.warmup :]
     result = {
         "step_s": statistics.median(timer.times[args.warmup :]),
+        "loss_s": statistics.median(timer.loss_times[args.warmup :]),
         "completion_tokens": statistics.median(e["completions/mean_length"] for e in logs) * args.prompts * args.width,
+        "peak_memory_mb": (
+            torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
     }
-    if args.train_worker == "treepo":
+    if args.train_worker.startswith("treepo"):
         result["decoded_tokens"] = statistics.median(e["tree/decoded_tokens"] for e in logs)
+    if args.train_worker == "treepo-packed":
+        result["packed_token_ratio"] = statistics.median(e["tree/packed_token_ratio"] for e in logs)
     return result
 
 
@@ -311,13 +341,15 @@ def compare_training_steps(argv: list[str]) -> dict:
     import subprocess
 
     results = {}
-    for name in ("grpo", "treepo"):
+    for name in ("grpo", "treepo", "treepo-packed"):
         command = [sys.executable, "-m", "trl_treepo.benchmark", *argv, "--train-worker", name, "--json"]
         finished = subprocess.run(command, capture_output=True, text=True)
         if finished.returncode != 0:
             raise RuntimeError(f"The {name} training run failed:\n{finished.stderr[-3000:]}")
         results[name] = json.loads(finished.stdout.strip().splitlines()[-1])
     results["step_speedup"] = results["grpo"]["step_s"] / results["treepo"]["step_s"]
+    results["packed_loss_speedup"] = results["treepo"]["loss_s"] / results["treepo-packed"]["loss_s"]
+    results["packed_step_speedup"] = results["treepo"]["step_s"] / results["treepo-packed"]["step_s"]
     return results
 
 
@@ -394,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", help="PNG path for the TokenPS-vs-depth plot of --sweep-depths")
     parser.add_argument("--train", action="store_true", help="also compare a TreePOTrainer step with a GRPOTrainer step")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    parser.add_argument("--train-worker", choices=["grpo", "treepo"], help=argparse.SUPPRESS)
+    parser.add_argument("--train-worker", choices=["grpo", "treepo", "treepo-packed"], help=argparse.SUPPRESS)
     return parser
 
 
@@ -459,8 +491,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train:
         del backend  # free the rollout engine before the trainers build theirs
         report["train"] = compare_training_steps([a for a in argv if a not in ("--train", "--json")])
-        print(f"training step: GRPO {report['train']['grpo']['step_s']:.2f} s, "
-              f"TreePO {report['train']['treepo']['step_s']:.2f} s ({report['train']['step_speedup']:.2f}x)", flush=True)
+        train = report["train"]
+        print(f"training step: GRPO {train['grpo']['step_s']:.2f} s, "
+              f"TreePO {train['treepo']['step_s']:.2f} s ({train['step_speedup']:.2f}x), "
+              f"TreePO packed {train['treepo-packed']['step_s']:.2f} s", flush=True)
+        print(f"loss forward+backward: TreePO {train['treepo']['loss_s']:.2f} s, packed "
+              f"{train['treepo-packed']['loss_s']:.2f} s ({train['packed_loss_speedup']:.2f}x; packed/leaf tokens "
+              f"{train['treepo-packed']['packed_token_ratio']:.2f}); peak memory "
+              f"{train['treepo']['peak_memory_mb']:.0f} → {train['treepo-packed']['peak_memory_mb']:.0f} MB", flush=True)
     if args.json:
         print(json.dumps(report))
     return report

@@ -105,6 +105,15 @@ class TreePOConfig(GRPOConfig):
             give them non-zero advantages. The paper also refills the batch with new prompts; a TRL batch has a
             fixed size, so filtered prompts are not replaced.
 
+        > Parameters that control training (beyond the paper)
+
+        tree_packed_training (`bool`, *optional*, defaults to `False`):
+            Forward and back-propagate each shared prefix once: the rows that share a prompt are packed into a token
+            trie with a tree attention mask, and each leaf's log-probabilities are gathered back out. The loss and
+            gradients equal the unpacked ones. Not in the paper (whose code recomputes shared prefixes per leaf).
+            Needs an attention implementation that takes a 4D mask (`sdpa` or `eager`); others, multimodal and MoE
+            models fall back to the unpacked path with a warning.
+
         > Parameters from GRPOConfig whose default follows the paper
 
         max_completion_length (`int`, *optional*):
@@ -252,6 +261,15 @@ class TreePOConfig(GRPOConfig):
         metadata={
             "help": "Dynamic sampling (paper 3.1): leaves of prompts whose rewards are all equal do not train and "
             "stay out of the batch normalisation."
+        },
+    )
+
+    # --- training, beyond the paper --------------------------------------------------------------------------------
+    tree_packed_training: bool = field(
+        default=False,
+        metadata={
+            "help": "Beyond the paper: forward and back-propagate each shared prefix once, with a tree attention "
+            "mask (exact; needs sdpa or eager attention, else falls back)."
         },
     )
 

@@ -1,12 +1,15 @@
 """`TreePOTrainer`: GRPOTrainer with TreePO's segment-tree rollouts and tree-based advantages.
 
-Wiring only. Three GRPOTrainer methods are extended, each through `super()`:
+Wiring only. These GRPOTrainer methods are extended, each through `super()`:
 
 - `_generate_single_turn` grows one tree per prompt instead of `num_generations` independent samples, and returns
   the root→leaf paths as the completions (row ``i * G + j`` is leaf j of prompt i);
 - `_calculate_rewards` keeps the gathered reward matrix;
 - `_generate_and_score_completions` replaces GRPO's advantages with the tree estimator's and applies dynamic
-  sampling. Padding, rewards, old/ref logprobs, vLLM importance sampling, the loss and logging stay TRL's own.
+  sampling. Padding, rewards, old/ref logprobs, vLLM importance sampling, the loss and logging stay TRL's own;
+- `_get_per_token_logps_and_entropies`, with `tree_packed_training`, forwards each prompt's token trie once
+  (`packing.py`) and hands TRL the same per-token log-probabilities;
+- `create_model_card` adds the TreePO configuration to TRL's card.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .backends.vllm import (
     sync_weights_by_reload,
 )
 from .config import TreePOConfig, configuration_card
+from .packing import pack_rows
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
 from .visualize import render_tree_html
 
@@ -460,6 +464,51 @@ class TreePOTrainer(GRPOTrainer):
         for _ in range(min(advantages.numel(), len(logged))):
             logged.pop()
         logged.extend(advantages.tolist())
+
+    # ------------------------------------------------------------------------------------------ packed training
+
+    _PACKABLE_ATTENTION = ("sdpa", "eager")
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal_inputs,
+    ):  # fmt: skip
+        """With `tree_packed_training`, one forward over each prompt's token trie instead of one per row (exact).
+
+        Everything else, and whatever cannot take a tree mask, goes to TRL's own method.
+        """
+        if not (self.args.tree_packed_training and self._can_pack(model, compute_aux_loss, multimodal_inputs)):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal_inputs,
+            )  # fmt: skip
+        packed = pack_rows(input_ids, attention_mask, logits_to_keep)
+        with self.accelerator.autocast():
+            outputs = model(
+                input_ids=packed.input_ids,
+                attention_mask=packed.attention_mask,
+                position_ids=packed.position_ids,
+                shift_labels=packed.shift_labels,
+                fused_lm_head=True,
+            )
+        if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
+            self._metrics["train"]["tree/packed_token_ratio"].append(packed.packed_tokens / max(packed.row_tokens, 1))
+        entropies = packed.unpack(outputs.entropy) if compute_entropy else None
+        return packed.unpack(outputs.log_probs), entropies, None
+
+    def _can_pack(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
+        attention = getattr(self.accelerator.unwrap_model(model).config, "_attn_implementation", None)
+        reason = None
+        if attention not in self._PACKABLE_ATTENTION:
+            reason = f"attention implementation {attention!r} cannot take a tree attention mask (use sdpa or eager)"
+        elif compute_aux_loss:
+            reason = "MoE load-balancing loss is computed per row"
+        elif any(value is not None for value in multimodal_inputs.values()):
+            reason = "multimodal inputs are not packed"
+        if reason is not None and not getattr(self, "_warned_packing", False):
+            self._warned_packing = True
+            logger.warning(f"tree_packed_training falls back to the unpacked forward: {reason}.")
+        return reason is None
 
     # --------------------------------------------------------------------------------------------------- metrics
 

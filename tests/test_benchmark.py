@@ -1,0 +1,30 @@
+"""`python -m trl_treepo.benchmark` end to end on the tiny model (small shapes: this checks the tool, not speed)."""
+
+import json
+import subprocess
+import sys
+
+from trl_treepo.benchmark import main
+
+
+def test_rollout_benchmark_reports_both_modes_and_their_ratios(tiny_model):
+    report = main(["--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "2", "--width", "4",
+                   "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1"])  # fmt: skip
+    for mode in ("sequential", "tree"):
+        assert report[mode]["trajectories"] == 8
+    assert report["tree"]["decoded_tokens"] < report["tree"]["leaf_tokens"]
+    assert report["decoded_token_ratio"] == report["tree"]["decoded_tokens"] / report["sequential"]["decoded_tokens"]
+    assert report["speedup"] > 0 and report["efficiency"] == report["speedup"] * report["decoded_token_ratio"]
+
+
+def test_training_benchmark_compares_grpo_treepo_and_packed_steps(tiny_model):
+    command = [sys.executable, "-m", "trl_treepo.benchmark", "--model", tiny_model, "--task", "basic_arithmetic",
+               "--prompts", "2", "--width", "4", "--segment-length", "4", "--depth", "3", "--warmup", "0",
+               "--repeats", "1", "--train", "--json"]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    train = json.loads(finished.stdout.strip().splitlines()[-1])["train"]
+    assert set(train) >= {"grpo", "treepo", "treepo-packed", "step_speedup", "packed_loss_speedup"}
+    assert train["treepo"]["completion_tokens"] == train["treepo-packed"]["completion_tokens"]  # the same trees
+    assert 0 < train["treepo-packed"]["packed_token_ratio"] < 1
+    assert all(train[name]["loss_s"] > 0 and train[name]["peak_memory_mb"] > 0 for name in ("grpo", "treepo"))
