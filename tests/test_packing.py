@@ -54,8 +54,9 @@ def test_packing_stores_each_shared_prefix_once_and_copies_branch_points():
         assert not seen[:, copy].sum() > 1  # nothing attends to a copy but itself
 
 
-def test_packed_log_probs_and_entropies_equal_the_unpacked_ones(tiny_model):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_log_probs_and_entropies_equal_the_unpacked_ones(tiny_model, attention):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attention)
     add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
     generator = torch.Generator().manual_seed(0)
 
@@ -74,7 +75,7 @@ def test_packed_log_probs_and_entropies_equal_the_unpacked_ones(tiny_model):
     packed = pack_rows(ids, mask, width)
     output = model(
         input_ids=packed.input_ids,
-        attention_mask=packed.attention_mask,
+        attention_mask=packed.attention_mask if attention == "sdpa" else packed.additive_mask(torch.float32),
         position_ids=packed.position_ids,
         shift_labels=packed.shift_labels,
         fused_lm_head=True,
@@ -97,15 +98,20 @@ def loss_and_gradients(trainer, inputs, packed):
     return loss.detach(), gradients
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
-def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_model, tmp_path, loss_type):
+LOSS_CASES = [(loss, "sdpa") for loss in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")]
+
+
+@pytest.mark.parametrize("loss_type, attention", LOSS_CASES + [("dapo", "eager")])
+def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_model, tmp_path, loss_type, attention):
     dataset = make_math_dataset(size=4)
     trainer = TreePOTrainer(
         model=tiny_model,
         reward_funcs=reward_length,
-        args=tiny_args(tmp_path, loss_type=loss_type, beta=0.05, top_entropy_quantile=0.8, num_iterations=2),
+        args=tiny_args(tmp_path, loss_type=loss_type, beta=0.05, top_entropy_quantile=0.8, num_iterations=2,
+                       model_init_kwargs={"attn_implementation": attention}),
         train_dataset=dataset,
     )
+    assert trainer.model.config._attn_implementation == attention
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which this test bypasses
     inputs = trainer._generate_and_score_completions([dataset[i] for i in range(2) for _ in range(4)])
@@ -122,8 +128,20 @@ def test_packed_loss_and_gradients_equal_the_unpacked_ones(tiny_model, tmp_path,
     assert trainer._metrics["train"]["tree/packed_token_ratio"][-1] < 1.0
 
 
-def test_packed_training_trains_and_logs_its_sharing(tiny_model, tmp_path):
-    _, logs, changed, _ = train(tiny_model, tmp_path, max_steps=2, tree_packed_training=True)
+def lora():
+    from peft import LoraConfig
+
+    return {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")}
+
+
+@pytest.mark.parametrize(
+    "overrides, trainer_kwargs",
+    [({}, None), ({"gradient_checkpointing": True}, None), ({}, "lora")],
+    ids=["plain", "gradient_checkpointing", "lora"],
+)
+def test_packed_training_trains_and_logs_its_sharing(tiny_model, tmp_path, overrides, trainer_kwargs):
+    _, logs, changed, _ = train(tiny_model, tmp_path, max_steps=2, tree_packed_training=True,
+                                trainer_kwargs=lora() if trainer_kwargs == "lora" else None, **overrides)  # fmt: skip
     assert changed
     assert all(0 < entry["tree/packed_token_ratio"] < 1 for entry in logs)
 

@@ -36,6 +36,11 @@ class PackedRows:
     row_tokens: int  # prompt + completion tokens of the unpacked rows
     packed_tokens: int  # tokens of the packed sequences, without padding
 
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The attention mask as 0 / most-negative values, for attention implementations that add it to the scores."""
+        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=self.attention_mask.device)
+        return torch.where(self.attention_mask, torch.zeros((), dtype=dtype, device=blocked.device), blocked)
+
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """`[N, L]` per-position values (aligned with `shift_labels`) → the rows' `[B, T]`, 0 past each row's end."""
         gathered = values.reshape(-1)[self.predictor]

@@ -483,10 +483,15 @@ class TreePOTrainer(GRPOTrainer):
                 **multimodal_inputs,
             )  # fmt: skip
         packed = pack_rows(input_ids, attention_mask, logits_to_keep)
+        unwrapped = self.accelerator.unwrap_model(model)
+        # SDPA reads a boolean mask; eager attention adds the mask to its scores.
+        tree_mask = packed.attention_mask
+        if unwrapped.config._attn_implementation == "eager":
+            tree_mask = packed.additive_mask(unwrapped.dtype)
         with self.accelerator.autocast():
             outputs = model(
                 input_ids=packed.input_ids,
-                attention_mask=packed.attention_mask,
+                attention_mask=tree_mask,
                 position_ids=packed.position_ids,
                 shift_labels=packed.shift_labels,
                 fused_lm_head=True,
