@@ -153,3 +153,24 @@ def test_attention_that_cannot_take_a_tree_mask_falls_back_with_a_warning(tiny_m
     assert changed and "tree/packed_token_ratio" not in logs[0]
     assert any("falls back to the unpacked forward" in r.getMessage() and "'sdpa'" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def test_packed_log_probs_respect_trls_memory_chunks(tiny_model, tmp_path):
+    dataset = make_math_dataset(size=4)
+    trainer = TreePOTrainer(model=tiny_model, reward_funcs=reward_length, args=tiny_args(tmp_path), train_dataset=dataset)
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions([dataset[i] for i in range(2) for _ in range(4)])
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].size(1)
+    results = {}
+    for packed, batch_size in [(False, None), (True, None), (True, 3)]:
+        trainer.args.tree_packed_training = packed
+        with torch.no_grad():
+            results[(packed, batch_size)] = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, width, batch_size=batch_size, compute_entropy=True
+            )
+    valid = inputs["completion_mask"].bool()
+    for key in [(True, None), (True, 3)]:
+        for got, want in zip(results[key][:2], results[(False, None)][:2]):
+            torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)

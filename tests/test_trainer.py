@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
 
 from trl_treepo import TreePOConfig, TreePOTrainer, compute_tree_advantages, whiten
 from trl_treepo.testing import make_math_dataset

@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"loss forward+backward: TreePO {train['treepo']['loss_s']:.2f} s, packed "
               f"{train['treepo-packed']['loss_s']:.2f} s ({train['packed_loss_speedup']:.2f}x; packed/leaf tokens "
               f"{train['treepo-packed']['packed_token_ratio']:.2f}); peak memory "
-              f"{train['treepo']['peak_memory_mb']:.0f} → {train['treepo-packed']['peak_memory_mb']:.0f} MB", flush=True)
+              f"{train['treepo']['peak_memory_mb']:.0f} → {train['treepo-packed']['peak_memory_mb']:.0f} MB",
+              flush=True)
     if args.json:
         print(json.dumps(report))
     return report

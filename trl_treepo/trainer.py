@@ -482,24 +482,31 @@ class TreePOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal_inputs,
             )  # fmt: skip
-        packed = pack_rows(input_ids, attention_mask, logits_to_keep)
         unwrapped = self.accelerator.unwrap_model(model)
-        # SDPA reads a boolean mask; eager attention adds the mask to its scores.
-        tree_mask = packed.attention_mask
-        if unwrapped.config._attn_implementation == "eager":
-            tree_mask = packed.additive_mask(unwrapped.dtype)
-        with self.accelerator.autocast():
-            outputs = model(
-                input_ids=packed.input_ids,
-                attention_mask=tree_mask,
-                position_ids=packed.position_ids,
-                shift_labels=packed.shift_labels,
-                fused_lm_head=True,
-            )
+        eager = unwrapped.config._attn_implementation == "eager"
+        batch_size = batch_size or input_ids.size(0)  # TRL's memory chunking, kept; sharing is found within a chunk
+        logps, entropies, packed_tokens = [], [], 0
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            packed = pack_rows(input_ids[rows], attention_mask[rows], logits_to_keep)
+            # SDPA reads a boolean mask; eager attention adds the mask to its scores.
+            tree_mask = packed.additive_mask(unwrapped.dtype) if eager else packed.attention_mask
+            with self.accelerator.autocast():
+                outputs = model(
+                    input_ids=packed.input_ids,
+                    attention_mask=tree_mask,
+                    position_ids=packed.position_ids,
+                    shift_labels=packed.shift_labels,
+                    fused_lm_head=True,
+                )
+            logps.append(packed.unpack(outputs.log_probs))
+            if compute_entropy:
+                entropies.append(packed.unpack(outputs.entropy))
+            packed_tokens += packed.packed_tokens
         if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
-            self._metrics["train"]["tree/packed_token_ratio"].append(packed.packed_tokens / max(packed.row_tokens, 1))
-        entropies = packed.unpack(outputs.entropy) if compute_entropy else None
-        return packed.unpack(outputs.log_probs), entropies, None
+            ratio = packed_tokens / max(int(attention_mask.sum()), 1)
+            self._metrics["train"]["tree/packed_token_ratio"].append(ratio)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _can_pack(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
         attention = getattr(self.accelerator.unwrap_model(model).config, "_attn_implementation", None)
