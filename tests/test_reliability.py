@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from datasets import Dataset
+from test_trainer import record_batches, reward_length, tiny_args
 from transformers import TrainerCallback
-from test_trainer import reward_length, tiny_args
 
 from trl_treepo import TreePOTrainer, compute_tree_advantages, whiten
 from trl_treepo.testing import make_math_dataset
@@ -23,27 +23,6 @@ def make_trainer(tiny_model, tmp_path, reward_funcs=reward_length, dataset=None,
         args=tiny_args(tmp_path, **overrides),
         train_dataset=dataset if dataset is not None else make_math_dataset(size=16),
     )
-
-
-def record_batches(trainer):
-    """Capture what each training step's advantage step saw and produced."""
-    batches = []
-    original = trainer._replace_advantages
-
-    def spy(output, batch, paths):
-        original(output, batch, paths)
-        batches.append(
-            dict(
-                paths=list(paths),
-                rewards_per_func=trainer._rewards_per_func.clone(),
-                completion_ids=output["completion_ids"].clone(),
-                mask=(output["completion_mask"] * output.get("tool_mask", 1)).clone(),
-                advantages=output["advantages"].clone(),
-            )
-        )
-
-    trainer._replace_advantages = spy
-    return batches
 
 
 def parameters(trainer):

@@ -56,6 +56,30 @@ def train(tiny_model, tmp_path, dataset=None, reward_funcs=reward_length, traine
     return trainer, logs, changed, before
 
 
+def record_batches(trainer):
+    """Capture what each training step's advantage step saw and produced (the spy replaces `_replace_advantages`)."""
+    batches = []
+    original = trainer._replace_advantages
+
+    def spy(output, batch, paths):
+        original(output, batch, paths)
+        batches.append(
+            dict(
+                paths=list(paths),
+                local_paths=list(batch.paths),
+                rewards_per_func=trainer._rewards_per_func.clone(),
+                prompt_ids=output["prompt_ids"].clone(),
+                prompt_mask=output["prompt_mask"].clone(),
+                completion_ids=output["completion_ids"].clone(),
+                mask=(output["completion_mask"] * output.get("tool_mask", 1)).clone(),
+                advantages=output["advantages"].clone(),
+            )
+        )
+
+    trainer._replace_advantages = spy
+    return batches
+
+
 def test_train_end_to_end_decodes_fewer_tokens_than_it_trains_on(tiny_model, tmp_path):
     trainer, logs, changed, before = train(tiny_model, tmp_path)
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
@@ -117,19 +141,10 @@ def test_trained_advantages_are_the_whitened_tree_estimates(tiny_model, tmp_path
     trainer = TreePOTrainer(
         model=tiny_model, reward_funcs=reward_length, args=tiny_args(tmp_path), train_dataset=make_math_dataset(size=8)
     )
-    captured = {}
-    original = trainer._replace_advantages
-
-    def spy(output, batch, paths):
-        captured["paths"] = list(paths)
-        captured["rewards"] = trainer._rewards_per_func[:, 0].clone()
-        original(output, batch, paths)
-        captured["advantages"] = output["advantages"].clone()
-        captured["mask"] = (output["completion_mask"] * output.get("tool_mask", 1)).clone()
-
-    trainer._replace_advantages = spy
+    batches = record_batches(trainer)
     trainer.train()
-    rewards, paths = captured["rewards"].double(), captured["paths"]
+    captured = batches[-1]
+    rewards, paths = captured["rewards_per_func"][:, 0].double(), captured["paths"]
     # dynamic sampling: prompts whose leaves all share one reward are left out
     groups = rewards.view(-1, 4)
     informative = (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(4)

@@ -9,10 +9,11 @@ import urllib.request
 
 import pytest
 import torch
+from test_trainer import tiny_args
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.import_utils import is_vllm_available
 
-from trl_treepo import TreePOConfig, TreePOTrainer, TreeSamplingParams, grow_trees
+from trl_treepo import TreePOTrainer, TreeSamplingParams, grow_trees
 from trl_treepo.backends.vllm import ServerRequestError, VLLMColocateEngine, VLLMServerEngine
 from trl_treepo.checks import leaf_logprob_gap
 from trl_treepo.sampling import SegmentRequest
@@ -31,26 +32,9 @@ def reward_length(completions, **kwargs):
 
 
 def vllm_args(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        tree_segment_length=SEGMENT,
-        tree_max_depth=DEPTH,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        gradient_checkpointing=False,
-        use_vllm=True,
-        vllm_gpu_memory_utilization=0.1,
-        vllm_max_model_length=1024,
-        seed=0,
-    )
-    base.update(overrides)
-    return TreePOConfig(**base)
+    vllm = dict(tree_segment_length=SEGMENT, tree_max_depth=DEPTH, learning_rate=1e-2, use_vllm=True,
+                vllm_gpu_memory_utilization=0.1, vllm_max_model_length=1024)  # fmt: skip
+    return tiny_args(tmp_path, **{**vllm, **overrides})
 
 
 def prompt_ids(tokenizer, size=4):

@@ -155,8 +155,7 @@ class TreePOTrainer(GRPOTrainer):
             )
         self._tree_batch: _TreeBatch | None = None
         self._rewards_per_func: torch.Tensor | None = None
-        self._rollouts_grown = 0  # names rollouts in paths; the same on every process
-        self._rollout_step, self._rollouts_at_step = None, 0
+        self._rollout_step, self._rollouts_at_step = None, 0  # see `_next_rollout`
         self.reward_funcs = [
             func if isinstance(func, torch.nn.Module) else _naming_failures(func, name)
             for func, name in zip(self.reward_funcs, self.reward_func_names)
@@ -238,19 +237,26 @@ class TreePOTrainer(GRPOTrainer):
                     )
         return [list(root) for root in roots]
 
-    def _sampling_params(self):
-        # The sampler's own choices vary per rollout and process, and are a function of args.seed and the training
-        # step (not of a counter that a resumed run would restart), so a resumed run grows the trees the uninterrupted
-        # one would have. The ranks of a colocated tensor-parallel group grow the same trees, so they share a seed.
-        rank = self.accelerator.process_index
-        if self.use_vllm and self.vllm_mode == "colocate":
-            rank //= self.args.vllm_tensor_parallel_size
+    def _next_rollout(self) -> tuple[int, int]:
+        """(training step, rollouts before this one in the step): names a rollout in paths and seeds its sampler.
+
+        The same on every process, and a function of the step rather than of a counter that a resumed run would
+        restart, so a resumed run grows the trees the uninterrupted one would have.
+        """
         step = self.state.global_step
         if self._rollout_step != step:
             self._rollout_step, self._rollouts_at_step = step, 0
-        seed = (self.args.seed * 1_000_003 + step * 7919 + self._rollouts_at_step * 104_729 + rank) % 2**31
         self._rollouts_at_step += 1
-        self._rollouts_grown += 1
+        return step, self._rollouts_at_step - 1
+
+    def _sampling_params(self, rollout: tuple[int, int]):
+        # The sampler's own choices vary per rollout and process, reproducibly under args.seed. The ranks of a
+        # colocated tensor-parallel group grow the same trees, so they share a seed.
+        rank = self.accelerator.process_index
+        if self.use_vllm and self.vllm_mode == "colocate":
+            rank //= self.args.vllm_tensor_parallel_size
+        step, index = rollout
+        seed = (self.args.seed * 1_000_003 + step * 7919 + index * 104_729 + rank) % 2**31
         return self.args.tree_sampling_params(self.eos_token_ids, seed)
 
     def _check_prompts(self, prompt_ids) -> None:
@@ -284,7 +290,8 @@ class TreePOTrainer(GRPOTrainer):
 
     def _grow_rows(self, prompt_ids, num_generations):
         """This process's rows as (leaf, padded), the rollout's work counters, and a key naming the rollout."""
-        params = self._sampling_params()
+        rollout_id = self._next_rollout()
+        params = self._sampling_params(rollout_id)
         if self.use_vllm:
             # Once per training step, never per segment.
             if self.state.global_step != self._last_loaded_step:
@@ -302,13 +309,13 @@ class TreePOTrainer(GRPOTrainer):
                     request_timeout=self.args.tree_server_request_timeout,
                     max_retries=self.args.tree_server_max_retries,
                 )
-                return rows, stats, ("server", self._rollouts_grown)
+                return rows, stats, ("server", rollout_id)
         roots = self._unique_prompts(prompt_ids, num_generations)
         if self.use_vllm:
             rollout = colocate_rollout(self.vllm_generation, roots, params, self._tokenizer.decode)
         else:
             rollout = self._grow_trees_with_transformers(roots, params)
-        return rollout.rows(num_generations), rollout.stats, (self.accelerator.process_index, self._rollouts_grown)
+        return rollout.rows(num_generations), rollout.stats, (self.accelerator.process_index, rollout_id)
 
     def _sync_vllm_weights(self) -> None:
         try:
@@ -348,8 +355,7 @@ class TreePOTrainer(GRPOTrainer):
 
         Prompt groups are named by global row, since without trees they may straddle processes.
         """
-        rollout_key = ("sequential", self._rollouts_grown)
-        self._rollouts_grown += 1
+        rollout_key = ("sequential", self._next_rollout())
         first_row = self.accelerator.process_index * num_rows
         paths = [((rollout_key, (first_row + row) // num_generations), first_row + row) for row in range(num_rows)]
         return _TreeBatch(paths, [False] * num_rows, [None] * num_rows, RolloutStats())
@@ -371,7 +377,9 @@ class TreePOTrainer(GRPOTrainer):
             self._replace_advantages(output, batch, paths)
         if self.args.tree_sampling:
             self._log_tree_metrics(batch, paths)
-            if self.args.log_completions and self.accelerator.is_main_process and self._logs_this_step():
+            # `state.logging_steps` is the Trainer's own resolution of `logging_steps` (a ratio becomes a step count).
+            logs_this_step = self.state.global_step % self.state.logging_steps == 0
+            if self.args.log_completions and self.accelerator.is_main_process and logs_this_step:
                 self._write_tree_picture(batch, output)
         return output
 
@@ -477,15 +485,17 @@ class TreePOTrainer(GRPOTrainer):
 
         Everything else, and whatever cannot take a tree mask, goes to TRL's own method.
         """
-        if not (self.args.tree_packed_training and self._can_pack(model, compute_aux_loss, multimodal_inputs)):
+        unwrapped = None
+        if self.args.tree_packed_training:
+            unwrapped = self._packable(model, compute_aux_loss, multimodal_inputs)
+        if unwrapped is None:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal_inputs,
             )  # fmt: skip
-        unwrapped = self.accelerator.unwrap_model(model)
         eager = unwrapped.config._attn_implementation == "eager"
         batch_size = batch_size or input_ids.size(0)  # TRL's memory chunking, kept; sharing is found within a chunk
-        logps, entropies, packed_tokens = [], [], 0
+        logps, entropies, packed_tokens, row_tokens = [], [], 0, 0
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
             packed = pack_rows(input_ids[rows], attention_mask[rows], logits_to_keep)
@@ -503,13 +513,15 @@ class TreePOTrainer(GRPOTrainer):
             if compute_entropy:
                 entropies.append(packed.unpack(outputs.entropy))
             packed_tokens += packed.packed_tokens
+            row_tokens += packed.row_tokens
         if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
-            ratio = packed_tokens / max(int(attention_mask.sum()), 1)
-            self._metrics["train"]["tree/packed_token_ratio"].append(ratio)
+            self._metrics["train"]["tree/packed_token_ratio"].append(packed_tokens / max(row_tokens, 1))
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
-    def _can_pack(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
-        attention = getattr(self.accelerator.unwrap_model(model).config, "_attn_implementation", None)
+    def _packable(self, model, compute_aux_loss: bool, multimodal_inputs: dict):
+        """The unwrapped model when this forward can be packed; else None, after a one-time warning saying why."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        attention = getattr(unwrapped.config, "_attn_implementation", None)
         reason = None
         if attention not in self._PACKABLE_ATTENTION:
             reason = f"attention implementation {attention!r} cannot take a tree attention mask (use sdpa or eager)"
@@ -520,15 +532,9 @@ class TreePOTrainer(GRPOTrainer):
         if reason is not None and not getattr(self, "_warned_packing", False):
             self._warned_packing = True
             logger.warning(f"tree_packed_training falls back to the unpacked forward: {reason}.")
-        return reason is None
+        return unwrapped if reason is None else None
 
     # --------------------------------------------------------------------------------------------------- metrics
-
-    def _logs_this_step(self) -> bool:
-        every = self.args.logging_steps
-        if every < 1:  # a ratio of max_steps, as in transformers
-            every = max(int(every * self.state.max_steps), 1)
-        return self.state.global_step % int(every) == 0
 
     def _write_tree_picture(self, batch: _TreeBatch, output: dict) -> None:
         """The main process's first tree of this step, with rewards and advantages, as `trees/step-<N>.html`.
