@@ -160,9 +160,7 @@ def main() -> None:
         tree_segment_length=args.segment_length,
         tree_max_depth=args.max_depth,
         tree_initial_divergence=args.initial_divergence,
-        tree_sampling=not args.grpo,
-        tree_advantage_estimator="grpo" if args.grpo else "tree",
-        tree_filter_zero_std_prompts=not args.grpo,
+        tree_sampling=not args.grpo,  # False: exactly GRPOTrainer's training
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",

@@ -107,20 +107,42 @@ def test_whiten_is_token_weighted_and_ignores_masked_and_nan_entries():
     assert whiten(torch.tensor([2.0]), torch.tensor([0.0])).tolist() == [0.0]
 
 
-def test_segment_advantages_are_node_minus_parent_values_broadcast_per_segment():
+def test_segment_advantages_follow_the_released_estimator_on_the_worked_example():
+    """The released `tree_rfpp_progress` estimator on the spec §6.3 tree (docs/algorithm.md has the same numbers).
+
+    Leaf values size-weight (R - mean) over the root (8 leaves), depth-1 (4), depth-2 (2) groups and the leaf itself
+    (1): the A1 leaves get (8·1.25 + 4·1 + 2·0 + 0) / 15 = 14/15. Nodes average their children; the root is 0.
+    """
+    lengths = [6] * 8
+    advantages = compute_segment_advantages(REWARDS, PATHS, lengths, segment_length=2)
+    leaf = {"A1": 14 / 15, "A2": -10 / 15, "B1-": -10 / 15, "B1+": 18 / 15, "B2": -8 / 15}
+    a1, a2, b2 = leaf["A1"], leaf["A2"], leaf["B2"]
+    b1 = (leaf["B1-"] + leaf["B1+"]) / 2
+    a, b = (a1 + a2) / 2, (b1 + b2) / 2
+    assert advantages.shape == (8, 6)
+    expected_rows = {
+        0: [a - 0, a1 - a, 0.0],  # A1 leaf: (2/15, 12/15, 0)
+        2: [a - 0, a2 - a, 0.0],
+        4: [b - 0, b1 - b, leaf["B1-"] - b1],
+        5: [b - 0, b1 - b, leaf["B1+"] - b1],  # the correct B1 leaf: (-2/15, 6/15, 14/15)
+        6: [b - 0, b2 - b, 0.0],
+    }
+    for row, per_segment in expected_rows.items():
+        assert advantages[row].tolist() == pytest.approx([v for v in per_segment for _ in range(2)])
+    assert advantages[5].tolist()[::2] == pytest.approx([-2 / 15, 6 / 15, 14 / 15])
+    # η^(J+1-i): the parent term of the last segment gets η, the first η^J (here the root's 0 either way)
+    discounted = compute_segment_advantages(REWARDS, PATHS, lengths, 2, discount=0.5)
+    assert discounted[5].tolist()[::2] == pytest.approx([b, b1 - 0.25 * b, leaf["B1+"] - 0.5 * b1])
+
+
+def test_segment_advantages_cut_at_each_leafs_length_and_skip_unscored_leaves():
     paths = [("p", 1, 2), ("p", 1, 3), ("p", 4, 5), ("p", 4, 6)]
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
-    lengths = [4, 3, 4, 4]
-    advantages = compute_segment_advantages(rewards, paths, lengths, segment_length=2, weighting="average")
-    leaf = compute_tree_advantages(rewards, paths).tolist()
-    node1 = (leaf[0] + leaf[1]) / 2
-    node4 = (leaf[2] + leaf[3]) / 2
-    root = (node1 + node4) / 2
+    rewards = torch.tensor([1.0, 0.0, float("nan"), 0.0])
+    advantages = compute_segment_advantages(rewards, paths, [4, 3, 4, 1], segment_length=2)
     assert advantages.shape == (4, 4)
-    assert advantages[0].tolist() == pytest.approx([node1 - root] * 2 + [leaf[0] - node1] * 2)
-    assert advantages[1].tolist() == pytest.approx([node1 - root] * 2 + [leaf[1] - node1, 0.0])
-    discounted = compute_segment_advantages(rewards, paths, lengths, 2, weighting="average", discount=0.5)
-    assert discounted[2, 0].item() == pytest.approx(node4 - 0.5 * root)
+    assert advantages[1, 3].item() == 0.0 and (advantages[3, 1:] == 0).all()
+    assert torch.isnan(advantages[2, 2:]).all()  # its own segment: NaN, which whitening turns into 0
+    assert not torch.isnan(advantages[[0, 1, 3]]).any()  # node 4 averages its one scored child
 
 
 def test_bad_inputs_raise_clear_errors():

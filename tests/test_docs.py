@@ -37,3 +37,17 @@ def test_every_test_the_docs_name_exists():
     for module, name in sorted(named):
         source = (DOCS.parent / module).read_text()
         assert re.search(rf"^def {name}\(", source, re.M), f"{module}::{name} is named in the docs but does not exist"
+
+
+def test_the_documented_server_command_is_the_one_the_code_and_tests_use():
+    from trl_treepo.backends.vllm import server_command
+
+    command = server_command("Qwen/Qwen2.5-7B")
+    assert command in (DOCS / "vllm.md").read_text()
+    assert command.replace("VLLM_SERVER_DEV_MODE=1 ", "CUDA_VISIBLE_DEVICES=0 VLLM_SERVER_DEV_MODE=1 ") in (
+        DOCS.parent / "examples" / "README.md"
+    ).read_text()
+    for page in [DOCS.parent / "README.md", DOCS.parent / "examples" / "README.md", *DOCS.glob("*.md")]:
+        for line in page.read_text().splitlines():
+            if "trl vllm-serve --model" in line:  # only as the deprecated short form, after the vllm serve command
+                assert page.name == "vllm.md" and "short form" in line, f"{page.name}: {line}"

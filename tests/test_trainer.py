@@ -61,8 +61,8 @@ def record_batches(trainer):
     batches = []
     original = trainer._replace_advantages
 
-    def spy(output, batch, paths):
-        original(output, batch, paths)
+    def spy(output, batch, paths, truncated):
+        original(output, batch, paths, truncated)
         batches.append(
             dict(
                 paths=list(paths),
@@ -182,9 +182,15 @@ BAD_VALUES = [
     (dict(tree_initial_divergence=3, tree_initial_divergence_max=2), "tree_initial_divergence_max"),
     (dict(tree_divergence_temperature=0.0), "tree_divergence_temperature"),
     (dict(tree_repetition_window=-1), "tree_repetition_window"),
-    (dict(tree_segment_advantage_discount=-0.5), "tree_segment_advantage_discount"),
-    (dict(tree_sampling=False, tree_advantage_estimator="tree_segment"), "tree_sampling"),
-    (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation"),
+    (dict(tree_segment_advantage_discount=0.0), "tree_segment_advantage_discount"),
+    (dict(tree_advantage_estimator="tree_segment", tree_reject_zero_std_subgroups=True), "tree_reject_zero_std"),
+    (dict(scale_rewards="batch"), "scale_rewards='batch' is GRPO's normalisation"),
+    (dict(scale_rewards=False), "tree_advantage_normalization"),
+    (dict(generation_kwargs={"frequency_penalty": 0.5}), "frequency_penalty"),
+    (dict(generation_kwargs={"presence_penalty": 0.1}), "presence_penalty"),
+    (dict(generation_kwargs={"min_tokens": 8}), "min_tokens"),
+    (dict(generation_kwargs={"structured_outputs": {"regex": "[0-9]+"}}), "structured_outputs"),
+    (dict(generation_kwargs={"stop": ["", "x"]}), "non-empty strings"),
     (dict(tree_repetition_min_count=-1), "tree_repetition_min_count"),
     (dict(tree_server_request_timeout=0), "tree_server_request_timeout"),
     (dict(tree_server_max_retries=-1), "tree_server_max_retries"),

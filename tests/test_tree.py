@@ -140,6 +140,45 @@ def test_all_paths_stopping_in_the_first_segment_restart_from_the_prompt_until_w
     assert len({leaf.nodes for leaf in rollout.leaves[0]}) == 5
 
 
+def leaves_in_a_local_group(leaves):
+    """Leaves that share some depth >= 1 ancestor with another leaf (more than the root group in their advantage)."""
+    counts = Counter(leaf.nodes[:depth] for leaf in leaves for depth in range(1, leaf.depth))
+    return sum(any(counts[leaf.nodes[:depth]] >= 2 for depth in range(1, leaf.depth)) for leaf in leaves)
+
+
+@pytest.mark.parametrize(
+    "policy, copies_per_level, in_local_groups",
+    [
+        # one restart of b = 2 copies; the 6 owed leaves are grown by branching: 2 -> 4 -> 6 live paths
+        ("restart", [2, 2, 4, 6, 6, 6], 6),
+        # each of the 2 candidates once, with b copies (cut at 0: they had one segment): 4 -> 6 live paths
+        ("random_cut", [2, 4, 6, 6, 6, 6], 3),
+    ],
+)
+def test_a_fallback_event_queues_b_copies_per_start_and_leaves_the_rest_as_branching_budget(
+    policy, copies_per_level, in_local_groups
+):
+    """Released semantics (spec §2.5): an event uses each candidate once with min(b, owed) copies, or b restarts.
+
+    Filling the whole owed width in one event would grow 6 independent chains, none with a local subgroup.
+    """
+
+    def first_level_stops(request, branch, rng):
+        if len(engine.calls) == 1:
+            return [FILL, EOS]  # the first segment of the original tree ends every path
+        return [FILL] * request.max_tokens  # what grows after the fallback runs to the length limit
+
+    engine = ScriptedEngine(first_level_stops, eos_token_id=EOS)
+    rollout = grow_trees(engine, [PROMPT], params(width=8, fallback_policy=policy, seed=1), decode)
+    leaves = rollout.leaves[0]
+    assert len(leaves) == 8 and rollout.stats.fallback_events == 1
+    assert [sum(r.num_branches for r in call) for call in engine.calls] == copies_per_level
+    assert all(r.num_branches == 2 for r in engine.calls[1])
+    regrown = [leaf for leaf in leaves if leaf.from_fallback]
+    assert len(regrown) == 6
+    assert leaves_in_a_local_group(regrown) == in_local_groups
+
+
 def test_eos_only_segment_stops_the_path():
     """The released code's reverse search skips index 0 and keeps decoding past a lone EOS (spec §2.3)."""
     engine = ScriptedEngine(
@@ -149,6 +188,27 @@ def test_eos_only_segment_stops_the_path():
     assert all(leaf.token_ids[-1] == EOS and leaf.depth == 2 for leaf in rollout.leaves[0])
     assert all(leaf.finish_reason is FinishReason.EOS for leaf in rollout.leaves[0])
     assert len(rollout.leaves[0]) == 4
+
+
+def test_a_stop_string_ends_the_path_after_the_token_that_completes_it():
+    engine = ScriptedEngine(lambda request, branch, rng: [FILL, DIGIT, FILL, FILL], eos_token_id=EOS)
+    rollout = grow_trees(engine, [PROMPT], params(width=2, stop_strings=("a7",)), decode)
+    assert all(leaf.token_ids == [FILL, DIGIT] for leaf in rollout.leaves[0])
+    assert all(leaf.finish_reason is FinishReason.EOS for leaf in rollout.leaves[0])
+    assert all(len(leaf.logprobs) == 2 for leaf in rollout.leaves[0])
+
+
+def test_a_stop_string_that_spans_a_segment_boundary_ends_the_path():
+    def respond(request, branch, rng):
+        return [FILL, FILL, FILL, WORD] if depth_of(request) == 1 else [FILL] * request.max_tokens
+
+    engine = ScriptedEngine(respond, eos_token_id=EOS)
+    rollout = grow_trees(engine, [PROMPT], params(width=4, stop_strings=("nothing", "psuma")), decode)
+    leaves = rollout.leaves[0]
+    # "...ipsum" ends segment 1, "a" starts segment 2: the path stops one token into its second segment
+    assert all(leaf.token_ids == [FILL, FILL, FILL, WORD, FILL] and leaf.depth == 2 for leaf in leaves)
+    assert all(leaf.finish_reason is FinishReason.EOS for leaf in leaves)
+    assert len(leaves) == 4  # stopped paths are finished leaves: the tree still reaches its width
 
 
 def test_tokens_after_an_eos_inside_a_segment_are_dropped():

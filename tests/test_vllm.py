@@ -63,7 +63,9 @@ def colocate_run(tiny_model, tmp_path_factory):
     trainer = TreePOTrainer(
         model=tiny_model,
         reward_funcs=reward_length,
-        args=vllm_args(tmp_path_factory.mktemp("colocate"), vllm_mode="colocate", max_steps=6),
+        # a stop string through the trainer: vLLM rejects one unless the tree sampler takes it over
+        args=vllm_args(tmp_path_factory.mktemp("colocate"), vllm_mode="colocate", max_steps=6,
+                       generation_kwargs={"stop": ["</answer>"]}),
         train_dataset=make_math_dataset(size=64),
     )
     real_sync = trainer.vllm_generation.sync_weights
@@ -112,6 +114,29 @@ def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(coloc
     # bf16 engine vs fp32 trainer: small and flat across depths; a wrong cached prefix would blow up deeper segments
     assert report["max_abs_gap"] < 0.05, report
     assert set(report["max_abs_gap_by_depth"]) == set(range(1, DEPTH + 1))
+
+
+def assert_stop_strings_end_leaves(engine_class, engine_arg, tokenizer):
+    """A user's stop strings reach the sampler, not the engine (vLLM rejects them without detokenization)."""
+    from types import SimpleNamespace
+
+    from trl_treepo.backends.vllm import sampling_settings
+
+    trl_settings = SimpleNamespace(repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=-1, min_p=None,
+                                   generation_kwargs={"stop": ["e"], "seed": None})  # fmt: skip
+    settings = sampling_settings(trl_settings)
+    assert "stop" not in settings
+    params = TreeSamplingParams(width=8, segment_length=SEGMENT, max_depth=DEPTH, stop_strings=("e",),
+                                eos_token_ids=(tokenizer.eos_token_id,))  # fmt: skip
+    rollout = grow_trees(engine_class(engine_arg, settings), prompt_ids(tokenizer), params, tokenizer.decode)
+    leaves = rollout.flat_leaves()
+    assert sum("e" in tokenizer.decode(leaf.token_ids) for leaf in leaves) > len(leaves) // 2
+    assert all("e" not in tokenizer.decode(leaf.token_ids[:-1]) for leaf in leaves)
+
+
+def test_colocate_stop_strings_end_leaves(colocate_run, tiny_model):
+    trainer, _, _ = colocate_run
+    assert_stop_strings_end_leaves(VLLMColocateEngine, trainer.vllm_generation.llm, AutoTokenizer.from_pretrained(tiny_model))
 
 
 def test_colocate_rejects_a_prompt_the_engine_cannot_hold(colocate_run):
@@ -218,6 +243,13 @@ def test_server_tree_leaves_match_the_model_under_prefix_caching(vllm_server, ti
     assert report["max_abs_gap"] < 1e-3, report  # fp32 server vs fp32 model
 
 
+def test_server_stop_strings_end_leaves(vllm_server, tiny_model):
+    from trl.generation.vllm_client import VLLMClient
+
+    client = VLLMClient(base_url=vllm_server, connection_timeout=10)
+    assert_stop_strings_end_leaves(VLLMServerEngine, client, AutoTokenizer.from_pretrained(tiny_model))
+
+
 def test_server_request_errors_carry_their_context(vllm_server):
     from trl.generation.vllm_client import VLLMClient
 
@@ -239,7 +271,8 @@ def test_unreachable_server_names_the_url_and_the_launch_command(tiny_model, tmp
             args=vllm_args(tmp_path, vllm_mode="server", vllm_server_base_url=url, vllm_server_timeout=1),
             train_dataset=make_math_dataset(size=8),
         )
-    assert url in str(error.value) and "trl vllm-serve --model" in str(error.value)
+    launch = f"VLLM_SERVER_DEV_MODE=1 vllm serve {tiny_model} --enable-prefix-caching"
+    assert url in str(error.value) and launch in str(error.value)
 
 
 class KillableProxy:

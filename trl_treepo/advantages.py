@@ -99,28 +99,57 @@ def compute_tree_advantages(
     return torch.tensor(advantages, dtype=rewards.dtype, device=rewards.device)
 
 
+def released_leaf_values(rewards: torch.Tensor, paths: Sequence[Path]) -> torch.Tensor:
+    """Each leaf's tree-relative reward as the released segment estimator computes it (its `tree_group_wise_reward`).
+
+    ``v_i = Σ_p |p| (R_i − mean_p R) / Σ_p |p|`` over every prefix group p of the leaf's path: the root group, every
+    ancestor node and the leaf itself, singletons included (a singleton adds a 0 term of weight 1). Unlike
+    `compute_tree_advantages`, nothing is skipped and the weights are always the group sizes. NaN rewards join no
+    group and give NaN.
+    """
+    _check_inputs(rewards, paths, "group_size")
+    values = rewards.detach().double().cpu().tolist()
+    groups = _group_statistics(values, [(*path, None) for path in paths])  # `None` closes each path: its own group
+    means = {key: sum(members) / len(members) for key, members in groups.items()}
+    leaf_values = []
+    for reward, path in zip(values, paths):
+        if reward != reward:
+            leaf_values.append(float("nan"))
+            continue
+        prefixes = [tuple(path[:depth]) for depth in range(1, len(path) + 1)]
+        sizes = [len(groups[prefix]) for prefix in prefixes]
+        terms = [size * (reward - means[prefix]) for size, prefix in zip(sizes, prefixes)]
+        leaf_values.append(sum(terms) / sum(sizes))
+    return torch.tensor(leaf_values, dtype=torch.float64)
+
+
 def compute_segment_advantages(
     rewards: torch.Tensor,
     paths: Sequence[Path],
     lengths: Sequence[int],
     segment_length: int,
     *,
-    weighting: str = "group_size",
-    reject_zero_std_subgroups: bool = False,
     discount: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token advantages of shape [B, max(lengths)] with one value per segment (spec §6.4, not the paper's method).
+    """Per-token advantages [B, max(lengths)], one value per segment: the released code's segment estimator.
 
-    Each leaf's value is its tree advantage (`compute_tree_advantages`, size-weighted by default as in the released
-    code); an internal node's value is the mean of its children's values; segment j of a leaf gets
-    ``V(node_j) − discount · V(node_{j−1})`` (node_0 being the prompt), broadcast over that segment's tokens.
-    Tokens past a leaf's length are 0. NaN leaves are left out of node means and get NaN advantages.
+    Not the paper's method (spec §6.4); the released code's `compute_tree_rfpp_progress_outcome_advantage`:
+
+    1. each leaf's value is its tree-relative reward (`released_leaf_values`);
+    2. an internal node's value is the mean of its children's values (each child once, leaf or node), bottom-up;
+       the prompt (root) has value 0;
+    3. segment i (1-based) of a leaf with J segments gets ``V(node_i) − η^(J + 1 − i) · V(node_{i−1})``: the parent
+       term is discounted more the further the segment lies from the leaf (η on the last segment, η^J on the first);
+       η = `discount`, 1 for no discount (the released default);
+    4. each value is broadcast over its segment's tokens; tokens past a leaf's length are 0.
+
+    NaN leaves are left out of node means and get NaN advantages. Whiten the result with `whiten` and a token mask.
     """
     if len(lengths) != len(paths):
         raise ValueError(f"Got {len(lengths)} lengths for {len(paths)} paths; pass one length per leaf.")
-    leaf_values = compute_tree_advantages(
-        rewards, paths, weighting=weighting, reject_zero_std_subgroups=reject_zero_std_subgroups
-    ).double().cpu().tolist()
+    if discount <= 0:
+        raise ValueError(f"discount must be positive (1 = no discount), got {discount}.")
+    leaf_values = released_leaf_values(rewards, paths).tolist()
 
     children: dict[tuple, set[tuple]] = defaultdict(set)
     node_value: dict[tuple, float] = {}
@@ -128,6 +157,8 @@ def compute_segment_advantages(
         node_value[tuple(path)] = value
         for depth in range(1, len(path)):
             children[tuple(path[:depth])].add(tuple(path[: depth + 1]))
+    for path in paths:
+        node_value[tuple(path[:1])] = 0.0  # the prompt
 
     def value_of(node: tuple) -> float:
         if node not in node_value:
@@ -138,11 +169,13 @@ def compute_segment_advantages(
     width = max(lengths, default=0)
     advantages = torch.zeros(len(paths), width, dtype=torch.float64)
     for row, (path, length) in enumerate(zip(paths, lengths)):
-        for segment in range(len(path) - 1):
-            start = segment * segment_length
+        num_segments = len(path) - 1
+        for segment in range(1, num_segments + 1):
+            start = (segment - 1) * segment_length
             if start >= length:
                 break
-            advantage = value_of(tuple(path[: segment + 2])) - discount * value_of(tuple(path[: segment + 1]))
+            parent_weight = discount ** (num_segments + 1 - segment)
+            advantage = value_of(tuple(path[: segment + 1])) - parent_weight * value_of(tuple(path[:segment]))
             advantages[row, start : min(start + segment_length, length)] = advantage
     return advantages.to(dtype=rewards.dtype, device=rewards.device)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -18,6 +19,29 @@ from .sampling import (
 ADVANTAGE_ESTIMATORS = ("tree", "tree_segment", "grpo")
 ADVANTAGE_NORMALIZATIONS = ("batch_whiten", "none")
 
+# `generation_kwargs` keys that name stop strings: vLLM's `stop`, transformers' `stop_strings`.
+STOP_STRING_KEYS = ("stop", "stop_strings")
+
+# Sampling options whose meaning spans a whole completion, which a tree decodes as one request per segment.
+_PER_SEGMENT = "the engine would apply it to each segment separately, not to the whole completion."
+_PENALTY = "the engine counts penalised tokens over one request's output, which in a tree is one segment."
+_BRANCHES = "the tree decides how many branches each request samples."
+_LENGTH = "the tree sets each request's length (tree_segment_length)."
+PER_COMPLETION_OPTIONS = {
+    "frequency_penalty": _PENALTY,
+    "presence_penalty": _PENALTY,
+    "min_tokens": _PER_SEGMENT,
+    "min_new_tokens": _PER_SEGMENT,
+    "min_length": _PER_SEGMENT,
+    "structured_outputs": "a structured-output constraint would restart with every segment.",
+    "guided_decoding": "a guided-decoding constraint would restart with every segment.",
+    "n": _BRANCHES,
+    "best_of": _BRANCHES,
+    "num_return_sequences": _BRANCHES,
+    "max_tokens": _LENGTH,
+    "max_new_tokens": _LENGTH,
+}
+
 
 @dataclass
 class TreePOConfig(GRPOConfig):
@@ -32,9 +56,10 @@ class TreePOConfig(GRPOConfig):
         > Parameters that control the tree rollout (paper §2)
 
         tree_sampling (`bool`, *optional*, defaults to `True`):
-            Grow TreePO segment trees during training. `False` samples `num_generations` independent completions as
-            plain GRPO does (the paper's sequential baseline), for A/B runs. Evaluation always samples sequentially,
-            as in the paper.
+            Grow TreePO segment trees during training. `False` trains exactly as [`~trl.GRPOTrainer`] does with the
+            same arguments: `num_generations` independent completions and TRL's own group advantages (the paper's
+            sequential GRPO baseline), so that an A/B run is this one flag. The `tree_*` rollout and advantage knobs
+            are then unused. Evaluation always samples sequentially, as in the paper.
         tree_segment_length (`int`, *optional*, defaults to `512`):
             l, tokens decoded per tree node (segment). Paper: 512.
         tree_max_depth (`int`, *optional*, defaults to `14`):
@@ -85,20 +110,23 @@ class TreePOConfig(GRPOConfig):
 
         tree_advantage_estimator (`str`, *optional*, defaults to `"tree"`):
             `"tree"`: the paper's global + local subgroup advantage (Eq. 5–7), one value per leaf. `"grpo"`: TRL's
-            own group advantage (the paper's "GRPO w/ tree sampling" ablation). `"tree_segment"`: one value per
-            segment, node value minus parent value (released code's `tree_segment_reinforce_plus_plus_baseline`,
-            not the paper's method), passed to the loss as a [B, T] tensor.
+            own group advantage (the paper's "GRPO w/ tree sampling" ablation). `"tree_segment"`: the released
+            code's segment-level estimator (`tree_rfpp_progress`, not the paper's method): one value per segment,
+            node value minus discounted parent value, passed to the loss as a [B, T] tensor.
         tree_advantage_weighting (`str`, *optional*, defaults to `"average"`):
-            How the subgroup terms combine: `"average"` (Eq. 5, the paper's choice) or `"group_size"` (Eq. 6, the
-            released code's default).
+            How the `"tree"` estimator combines subgroup terms: `"average"` (Eq. 5, the paper's choice) or
+            `"group_size"` (Eq. 6, the released code's default). `"tree_segment"` always weights by group size, as
+            the released code does.
         tree_reject_zero_std_subgroups (`bool`, *optional*, defaults to `False`):
-            Leave out subtrees whose rewards are all equal (Eq. 7, "subgroup rejection"; the paper finds it hurts).
+            `"tree"` estimator: leave out subtrees whose rewards are all equal (Eq. 7, "subgroup rejection"; the
+            paper finds it hurts).
         tree_advantage_normalization (`str`, *optional*, defaults to `"batch_whiten"`):
             `"batch_whiten"`: subtract the mean and divide by the std over every valid token of the whole batch
-            (the paper's "global variance normalization as in REINFORCE++"). `"none"`: raw tree advantages.
-            Ignored by the `"grpo"` estimator, which follows `scale_rewards`.
+            (the paper's "global variance normalization as in REINFORCE++"). `"none"`: raw tree advantages. The
+            tree estimators' counterpart of GRPO's `scale_rewards`, which only the `"grpo"` estimator reads.
         tree_segment_advantage_discount (`float`, *optional*, defaults to `1.0`):
-            η in `V(node) − η V(parent)` of the `"tree_segment"` estimator (released code: `segtree_adv_eta`).
+            η of the `"tree_segment"` estimator: segment i of a leaf with J segments gets
+            `V(node_i) − η^(J+1−i) V(node_{i−1})` (released code: `segtree_adv_eta`, off by default). 1 = no discount.
         tree_filter_zero_std_prompts (`bool`, *optional*, defaults to `True`):
             Dynamic sampling (paper §3.1, from DAPO): leaves of a prompt whose rewards are all equal do not train
             (their loss mask is zeroed), and they are left out of the batch normalisation, which would otherwise
@@ -129,8 +157,8 @@ class TreePOConfig(GRPOConfig):
     tree_sampling: bool = field(
         default=True,
         metadata={
-            "help": "Grow TreePO segment trees during training. False samples num_generations independent "
-            "completions as plain GRPO does (the paper's sequential baseline), for A/B runs."
+            "help": "Grow TreePO segment trees during training. False trains exactly as GRPOTrainer with the same "
+            "arguments (independent samples, TRL's advantages): the A/B baseline in one flag."
         },
     )
     tree_segment_length: int = field(
@@ -229,32 +257,36 @@ class TreePOConfig(GRPOConfig):
         default="tree",
         metadata={
             "help": "'tree': the paper's subgroup advantage (Eq. 5-7); 'grpo': TRL's group advantage (the paper's "
-            "'GRPO w/ tree sampling' ablation); 'tree_segment': per-segment node-minus-parent values ([B, T]).",
+            "'GRPO w/ tree sampling' ablation); 'tree_segment': the released code's per-segment node-minus-parent "
+            "values ([B, T]).",
             "choices": list(ADVANTAGE_ESTIMATORS),
         },
     )
     tree_advantage_weighting: str = field(
         default="average",
         metadata={
-            "help": "Combination of subgroup terms: 'average' (Eq. 5, paper) or 'group_size' (Eq. 6).",
+            "help": "How the 'tree' estimator combines subgroup terms: 'average' (Eq. 5, paper) or 'group_size' (Eq. 6).",
             "choices": list(WEIGHTINGS),
         },
     )
     tree_reject_zero_std_subgroups: bool = field(
         default=False,
-        metadata={"help": "Leave out subtrees whose rewards are all equal (Eq. 7, 'subgroup rejection')."},
+        metadata={"help": "'tree' estimator: leave out subtrees whose rewards are all equal (Eq. 7)."},
     )
     tree_advantage_normalization: str = field(
         default="batch_whiten",
         metadata={
             "help": "'batch_whiten': token-weighted mean/std over the whole batch (paper, REINFORCE++ style); "
-            "'none'. Ignored by the 'grpo' estimator, which follows scale_rewards.",
+            "'none'. The tree estimators' counterpart of scale_rewards, which only the 'grpo' estimator reads.",
             "choices": list(ADVANTAGE_NORMALIZATIONS),
         },
     )
     tree_segment_advantage_discount: float = field(
         default=1.0,
-        metadata={"help": "eta in V(node) - eta * V(parent) for the 'tree_segment' estimator."},
+        metadata={
+            "help": "eta of the 'tree_segment' estimator: segment i of J gets V(node_i) - eta^(J+1-i) V(parent). "
+            "1 = no discount."
+        },
     )
     tree_filter_zero_std_prompts: bool = field(
         default=True,
@@ -329,20 +361,15 @@ class TreePOConfig(GRPOConfig):
             raise ValueError(
                 "tree_repetition_window and tree_repetition_min_count must be >= 0 (0 disables the repetition stop)."
             )
-        if self.tree_segment_advantage_discount < 0:
+        if self.tree_segment_advantage_discount <= 0:
             raise ValueError(
-                f"tree_segment_advantage_discount must be >= 0, got {self.tree_segment_advantage_discount}."
+                f"tree_segment_advantage_discount must be positive (1 = no discount), got "
+                f"{self.tree_segment_advantage_discount}."
             )
-        if self.tree_advantage_estimator == "tree_segment" and not self.tree_sampling:
+        if self.tree_advantage_estimator == "tree_segment" and self.tree_reject_zero_std_subgroups:
             raise ValueError(
-                "tree_advantage_estimator='tree_segment' needs segment trees; set tree_sampling=True or use the "
-                "'tree' or 'grpo' estimator."
-            )
-        if self.tree_advantage_estimator != "grpo" and self.multi_objective_aggregation != "sum_then_normalize":
-            raise ValueError(
-                f"multi_objective_aggregation={self.multi_objective_aggregation!r} is only supported with "
-                "tree_advantage_estimator='grpo'. The tree estimators weight and sum the reward functions first "
-                "('sum_then_normalize')."
+                "tree_reject_zero_std_subgroups applies to the 'tree' estimator; the released 'tree_segment' "
+                "estimator keeps every subgroup. Unset one of them."
             )
         if self.tree_server_request_timeout <= 0 or self.tree_server_max_retries < 0:
             raise ValueError(
@@ -351,11 +378,8 @@ class TreePOConfig(GRPOConfig):
             )
         if self.tree_rollout_timeout is not None and self.tree_rollout_timeout <= 0:
             raise ValueError(f"tree_rollout_timeout must be positive seconds, got {self.tree_rollout_timeout}.")
-        if self.tree_sampling and self.vllm_structured_outputs_regex is not None:
-            raise ValueError(
-                "vllm_structured_outputs_regex constrains a whole completion, but a tree decodes it in segments that "
-                "each restart the constraint. Unset it, or set tree_sampling=False."
-            )
+        if self.tree_sampling:
+            self._check_generation_kwargs()
         if self.tree_sampling and self.use_transformers_continuous_batching:
             raise ValueError(
                 "use_transformers_continuous_batching is not used by tree rollouts, which drive `generate` level "
@@ -363,6 +387,14 @@ class TreePOConfig(GRPOConfig):
             )
 
         super().__post_init__()
+
+        uses_tree_estimator = self.tree_sampling and self.tree_advantage_estimator != "grpo"
+        if uses_tree_estimator and self.scale_rewards != "group":
+            raise ValueError(
+                f"scale_rewards={self.scale_rewards!r} is GRPO's normalisation, which the tree estimators do not use: "
+                "they normalise with tree_advantage_normalization ('batch_whiten', the paper's, or 'none'). Leave "
+                "scale_rewards at its default, or set tree_advantage_estimator='grpo' to train with GRPO's advantages."
+            )
 
         if self.tree_sampling and not (self.use_vllm and self.vllm_mode == "server"):
             rows = self.per_device_train_batch_size * self.steps_per_generation
@@ -374,6 +406,35 @@ class TreePOConfig(GRPOConfig):
                     "per_device_train_batch_size or gradient_accumulation_steps/steps_per_generation, or use "
                     "vllm_mode='server', which grows every tree on the main process."
                 )
+
+    def _check_generation_kwargs(self) -> None:
+        """Refuse sampling options that a tree would apply per segment instead of per completion (not as GRPO does)."""
+        if self.vllm_structured_outputs_regex is not None:
+            raise ValueError(
+                "vllm_structured_outputs_regex constrains a whole completion, but a tree decodes it in segments that "
+                "each restart the constraint. Unset it, or set tree_sampling=False."
+            )
+        for name, value in (self.generation_kwargs or {}).items():
+            if name in PER_COMPLETION_OPTIONS and value not in (None, 0, 0.0, False):
+                raise ValueError(
+                    f"generation_kwargs[{name!r}]={value!r} cannot be honoured in a tree rollout: "
+                    f"{PER_COMPLETION_OPTIONS[name]} Remove it, or set tree_sampling=False to sample sequentially."
+                )
+        for stop in self.tree_stop_strings:
+            if not isinstance(stop, str) or not stop:
+                raise ValueError(f"Stop strings in generation_kwargs must be non-empty strings, got {stop!r}.")
+
+    @property
+    def tree_stop_strings(self) -> tuple[str, ...]:
+        """The user's stop strings (`generation_kwargs` `stop` for vLLM, `stop_strings` for transformers).
+
+        The tree sampler applies them itself, across segment boundaries, on every backend.
+        """
+        stops = []
+        for key in STOP_STRING_KEYS:
+            value = (self.generation_kwargs or {}).get(key)
+            stops += [value] if isinstance(value, str) else list(value or [])
+        return tuple(dict.fromkeys(stops))
 
     def tree_sampling_params(self, eos_token_ids, seed: int) -> TreeSamplingParams:
         """The rollout knobs as the plain object that the sampler reads."""
@@ -393,8 +454,100 @@ class TreePOConfig(GRPOConfig):
             repetition_min_count=self.tree_repetition_min_count,
             repetition_priority=self.tree_repetition_priority,
             eos_token_ids=tuple(eos_token_ids),
+            stop_strings=self.tree_stop_strings,
             seed=seed,
         )
+
+
+@dataclass(frozen=True)
+class GRPODifference:
+    """One way a TreePO run trains differently from `GRPOTrainer` with the same arguments (tree_sampling=True)."""
+
+    what: str
+    grpo: str
+    treepo: str
+    why: str
+    applies: Callable[[TreePOConfig], bool] = lambda args: True
+
+
+# docs/configuration.md's table of differences is generated from this list, and the trainer logs the ones in effect.
+GRPO_DIFFERENCES = (
+    GRPODifference(
+        "`max_completion_length`", "512; any value", "`tree_segment_length × tree_max_depth` (paper: 7168); other "
+        "values raise", "A trajectory is at most d segments of l tokens, with segment boundaries at multiples of l.",
+    ),
+    GRPODifference(
+        "`epsilon_high`", "`None` (= `epsilon`)", "0.28", "The paper's DAPO clip-higher (ε_low 0.2, ε_high 0.28).",
+        lambda args: args.epsilon_high == 0.28,
+    ),
+    GRPODifference(
+        "`delta`", "`None` (no cap)", "10.0", "The paper's dual-clip c = 10 for negative advantages.",
+        lambda args: args.delta == 10.0,
+    ),
+    GRPODifference(
+        "Completions", "`num_generations` independent samples", "the `num_generations` leaves of a segment tree",
+        "TreePO's rollout (paper §2).",
+    ),
+    GRPODifference(
+        "Advantages", "group z-score (`scale_rewards`)", "tree subgroup estimate (paper Eq. 5), whitened over the "
+        "batch's tokens", "Paper §3.3. `tree_advantage_estimator='grpo'` keeps GRPO's; with the tree estimators "
+        "`scale_rewards` must stay `'group'` (they normalise with `tree_advantage_normalization`).",
+        lambda args: args.tree_advantage_estimator != "grpo",
+    ),
+    GRPODifference(
+        "Prompts whose rewards are all equal", "advantage 0; their tokens count in the loss normaliser",
+        "masked out of the loss and its normaliser", "DAPO's dynamic sampling (paper §3.1), "
+        "`tree_filter_zero_std_prompts`. Filtered prompts are not replaced, since a TRL batch has a fixed size.",
+        lambda args: args.tree_filter_zero_std_prompts,
+    ),
+    GRPODifference(
+        "Truncation (`mask_truncated_completions`, `completions/clipped_ratio`)", "the last token is not EOS or pad",
+        "the length limit stopped the leaf", "A leaf stopped by an answer, repetition or a stop string is finished, "
+        "though it ends without EOS.",
+    ),
+    GRPODifference(
+        "`multi_objective_aggregation='normalize_then_sum'`", "z-score each function over the group, sum, z-score the "
+        "sum over the batch", "z-score each function over the prompt's leaves, sum, then the tree estimator",
+        "The tree estimator and its normalisation take the place of the final batch z-score.",
+        lambda args: args.multi_objective_aggregation == "normalize_then_sum",
+    ),
+    GRPODifference(
+        "Stop strings (`generation_kwargs` `stop` or `stop_strings`)", "applied by vLLM (`stop`)",
+        "applied by the tree sampler on every backend, across segment boundaries",
+        "Segments are separate engine requests; a stop string may span two of them.",
+        lambda args: bool(args.tree_stop_strings),
+    ),
+    GRPODifference(
+        "`frequency_penalty`, `presence_penalty`, `min_tokens`, `min_new_tokens`, structured outputs", "per completion",
+        "refused with an error", "The engine would apply them to each segment request, not to the completion.",
+        lambda args: False,
+    ),
+    GRPODifference(
+        "`rollout_func`, `tools`, `environment_factory`, images", "supported", "refused with an error",
+        "They replace or split the tree rollout. `tree_sampling=False` trains them as GRPO does.",
+        lambda args: False,
+    ),
+)
+
+
+def grpo_differences_reference() -> str:
+    """The markdown table of `GRPO_DIFFERENCES`, for docs/configuration.md."""
+    lines = ["| What | `GRPOTrainer` | `TreePOTrainer` | Why |", "|---|---|---|---|"]
+    lines += [f"| {d.what} | {d.grpo} | {d.treepo} | {d.why} |" for d in GRPO_DIFFERENCES]
+    return "\n".join(lines)
+
+
+def grpo_differences_message(args: TreePOConfig) -> str:
+    """What the trainer logs once at start-up: how this run trains differently from GRPOTrainer."""
+    if not args.tree_sampling:
+        return (
+            "tree_sampling=False: TreePOTrainer trains exactly as GRPOTrainer does with these arguments; the tree_* "
+            "settings are unused."
+        )
+    lines = [f"- {d.what}: {d.treepo} (GRPOTrainer: {d.grpo})" for d in GRPO_DIFFERENCES if d.applies(args)]
+    return "TreePOTrainer trains differently from GRPOTrainer with these arguments (docs/configuration.md):\n" + (
+        "\n".join(lines)
+    )
 
 
 # Fields TreePOConfig adds, or whose default it changes to the paper's, in declaration order.
@@ -431,3 +584,5 @@ def configuration_card(args: TreePOConfig) -> str:
 
 if __name__ == "__main__":
     print(configuration_reference())
+    print()
+    print(grpo_differences_reference())

@@ -42,6 +42,9 @@ class TreeSamplingParams:
         repetition_priority: `first` checks repetition before answer/EOS (the paper script's intent), `last` after
             the length and depth checks (what the released code actually ran).
         eos_token_ids: token ids that end a trajectory.
+        stop_strings: texts that end a trajectory where they appear, also across a segment boundary (vLLM's `stop`,
+            transformers' `stop_strings`). The path keeps the tokens up to the one that completes the string, and
+            finishes like an EOS. Needs the sampler's `decode`.
         seed: seed of the sampler's own random choices (root fork sizes, fallback picks and cuts).
     """
 
@@ -60,6 +63,7 @@ class TreeSamplingParams:
     repetition_min_count: int = 8
     repetition_priority: str = "first"
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
 
     def __post_init__(self):
@@ -87,6 +91,9 @@ class TreeSamplingParams:
         if self.repetition_window < 0 or self.repetition_min_count < 0:
             raise ValueError("repetition_window and repetition_min_count must be >= 0 (0 disables the check).")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if any(not isinstance(stop, str) or not stop for stop in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}.")
 
     @property
     def first_divergence_range(self) -> tuple[int, int]:

@@ -87,6 +87,78 @@ def build_qwen_tokenizer(vocab_size: int = 8192):
     return tokenizer
 
 
+# Tiny offline configs of the model families users train, for tests that a feature is exact or refused on each.
+TINY_FAMILIES = ("qwen2", "llama", "qwen3", "mistral", "gemma3", "lfm2", "nemotron_h", "qwen3_next", "gpt2")
+
+
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    *,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    max_position_embeddings: int = 4096,
+    sliding_window: int = 4,
+):
+    """A random-init-ready config of `family` (see `TINY_FAMILIES`), with untied embeddings.
+
+    - `qwen2`, `llama`, `qwen3`: full causal attention with rotary positions;
+    - `mistral`: every layer a `sliding_window`-token window; `gemma3`: a sliding and a full layer;
+    - `lfm2`: a convolution layer and an attention layer; `nemotron_h`: Mamba2, attention and MoE layers;
+      `qwen3_next`: a linear-attention (gated delta rule) layer and an attention layer with MoE;
+    - `gpt2`: absolute position embeddings.
+    """
+    import transformers
+
+    head_dim = hidden_size // num_attention_heads
+    attention = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+    )
+    common = dict(attention, num_hidden_layers=num_layers, intermediate_size=4 * hidden_size)
+    moe = dict(num_experts_per_tok=1, moe_intermediate_size=hidden_size)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if family == "llama":
+        return transformers.LlamaConfig(**common)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=head_dim)
+    if family == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=sliding_window)
+    if family == "gemma3":
+        layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["full_attention"] * (num_layers % 2)
+        return transformers.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=sliding_window,
+                                             layer_types=layer_types)  # fmt: skip
+    if family == "lfm2":
+        layer_types = ["conv", "full_attention"] * (num_layers // 2) + ["full_attention"] * (num_layers % 2)
+        return transformers.Lfm2Config(**common, layer_types=layer_types)
+    if family == "nemotron_h":
+        pattern = ("M*E" * num_layers)[: max(num_layers, 3)]
+        return transformers.NemotronHConfig(
+            **attention, head_dim=head_dim, intermediate_size=4 * hidden_size, hybrid_override_pattern=pattern,
+            mamba_num_heads=4, mamba_head_dim=hidden_size // 4, ssm_state_size=16, n_groups=1, mamba_d_conv=4,
+            expand=1, n_routed_experts=2, moe_shared_expert_intermediate_size=hidden_size, **moe,
+        )  # fmt: skip
+    if family == "qwen3_next":
+        layer_types = ["linear_attention", "full_attention"] * (num_layers // 2) + ["full_attention"] * (num_layers % 2)
+        return transformers.Qwen3NextConfig(
+            **common, head_dim=head_dim, layer_types=layer_types, linear_num_value_heads=2, linear_num_key_heads=1,
+            linear_key_head_dim=16, linear_value_head_dim=16, num_experts=2, shared_expert_intermediate_size=hidden_size,
+            **moe,
+        )  # fmt: skip
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers,
+                                       n_head=num_attention_heads, n_positions=max_position_embeddings,
+                                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    raise ValueError(f"Unknown family {family!r}. Choose one of: {', '.join(TINY_FAMILIES)}.")
+
+
 def make_tiny_model(
     output_dir: str | os.PathLike,
     vocab_size: int = 8192,
@@ -96,16 +168,18 @@ def make_tiny_model(
     num_attention_heads: int = 2,
     num_key_value_heads: int = 1,
     max_position_embeddings: int = 4096,
+    family: str = "qwen2",
     seed: int = 0,
 ) -> str:
-    """Build, offline, a random-init `Qwen2ForCausalLM` plus a truncated Qwen tokenizer, save both and return the path.
+    """Build, offline, a random-init causal LM plus a truncated Qwen tokenizer, save both and return the path.
 
-    `vocab_size` counts BPE ranks; the model's embedding covers those plus the 22 Qwen2.5 special tokens. Embeddings
-    are untied. The default head size is 32: vLLM-CPU's attention kernels reject head_dim 16. A directory already
-    built with the same arguments is reused as is.
+    `family` picks the architecture (`TINY_FAMILIES`, default a Qwen2). `vocab_size` counts BPE ranks; the model's
+    embedding covers those plus the 22 Qwen2.5 special tokens. Embeddings are untied. The default head size is 32:
+    vLLM-CPU's attention kernels reject head_dim 16. A directory already built with the same arguments is reused as
+    is.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     output_dir = Path(output_dir)
     spec = {
@@ -117,6 +191,8 @@ def make_tiny_model(
         "max_position_embeddings": max_position_embeddings,
         "seed": seed,
     }
+    if family != "qwen2":
+        spec["family"] = family
     sentinel = output_dir / _SENTINEL
     if sentinel.exists() and json.loads(sentinel.read_text()) == spec:
         return str(output_dir)
@@ -126,25 +202,23 @@ def make_tiny_model(
         )
 
     tokenizer = build_qwen_tokenizer(vocab_size)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers,
+    config = tiny_config(
+        family,
+        len(tokenizer),
+        hidden_size,
+        num_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
     )
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, eos, tokenizer.pad_token_id
+    config.dtype = "float32"
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=None,
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        eos_token_id=[eos, tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.pad_token_id,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -237,30 +311,28 @@ def free_port() -> int:
 
 def vllm_server_command(model: str, port: int, *, dtype: str = "float32", max_model_len: int = 2048,
                         gpu_memory_utilization: float = 0.2, block_size: int | None = 32) -> list[str]:
-    """The `vllm serve` command TRL's server mode needs, as a Python module invocation.
+    """`backends.vllm.server_command` (the documented `vllm serve`) as a Python module invocation on 127.0.0.1.
 
     `python -m vllm.entrypoints.openai.api_server` is `vllm serve` without the CLI wrapper, which fails under
-    vllm-cpu because it looks itself up under the distribution name `vllm`. The flags are the ones `trl vllm-serve`
-    adds: the weight-transfer engine, processed logprobs (for importance sampling) and unlimited logprobs; prefix
-    caching is on explicitly, since tree rollouts rely on it. Prefix caching shares whole KV blocks only, and
+    vllm-cpu because it looks itself up under the distribution name `vllm` (so does `trl vllm-serve`). The server
+    flags are `SERVER_FLAGS`; the others size the test server. Prefix caching shares whole KV blocks only, and
     vLLM-CPU's default block is 128 tokens, so short test sequences would share nothing: `block_size` defaults to 32.
-    Run it with `VLLM_SERVER_DEV_MODE=1`.
+    Run it with `SERVER_ENVIRONMENT`.
     """
     import sys
+
+    from .backends.vllm import SERVER_FLAGS
 
     block = ["--block-size", str(block_size)] if block_size else []
     return [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model,
+        *SERVER_FLAGS,
         "--host", "127.0.0.1",
         "--port", str(port),
         "--dtype", dtype,
         "--max-model-len", str(max_model_len),
         "--gpu-memory-utilization", str(gpu_memory_utilization),
-        "--enable-prefix-caching",
-        "--logprobs-mode", "processed_logprobs",
-        "--max-logprobs", "-1",
-        "--weight-transfer-config", '{"backend": "nccl"}',
         "--enforce-eager",
         *block,
     ]  # fmt: skip
@@ -273,7 +345,9 @@ def start_vllm_server(model: str, port: int | None = None, *, startup_timeout: f
     import urllib.request
 
     port = port or free_port()
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    from .backends.vllm import SERVER_ENVIRONMENT
+
+    env = dict(os.environ, **SERVER_ENVIRONMENT)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(vllm_server_command(model, port, **kwargs), env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -27,7 +27,7 @@ from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import is_async_callable
+from trl.trainer.utils import is_async_callable, nanstd
 
 from .advantages import compute_segment_advantages, compute_tree_advantages, whiten
 from .backends.transformers import TransformersSegmentEngine
@@ -36,10 +36,11 @@ from .backends.vllm import (
     ServerRequestError,
     colocate_rollout,
     engine_runs_on_cpu,
+    server_command,
     server_rollout,
     sync_weights_by_reload,
 )
-from .config import TreePOConfig, configuration_card
+from .config import TreePOConfig, configuration_card, grpo_differences_message
 from .packing import pack_rows
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
 from .visualize import render_tree_html
@@ -84,6 +85,7 @@ class _TreeBatch:
 
     paths: list[tuple]
     padded: list[bool]  # rows that repeat a leaf to fill a prompt short of w leaves (fallback "none"); never trained
+    truncated: list[bool]  # stopped by the length limit; answer, repetition and stop-string stops are finished
     leaves: list[Leaf | None]
     stats: RolloutStats
 
@@ -145,14 +147,22 @@ class TreePOTrainer(GRPOTrainer):
             model_id = model if isinstance(model, str) else model.config._name_or_path
             raise ConnectionError(
                 f"{error}\nStart a vLLM server for this model first, with prefix caching on (tree rollouts resubmit "
-                f"shared prefixes), e.g.:\n    trl vllm-serve --model {model_id} --enable_prefix_caching true\n"
-                "or point vllm_server_base_url at a running one. See docs/vllm.md."
+                f"shared prefixes):\n    {server_command(model_id)}\nor point vllm_server_base_url at a running one. "
+                "See docs/vllm.md."
             ) from error
         if args.tree_sampling and (self.tools or self.environment_factories is not None):
             raise ValueError(
                 "Tree rollouts do not support tools or environments: a tool call would have to split a segment. "
                 "Set tree_sampling=False to train on sequential rollouts."
             )
+        if args.tree_sampling and self.rollout_func is not None:
+            raise ValueError(
+                "A rollout_func replaces TRL's generation, so no tree would be grown and GRPO's advantages would train "
+                "under the TreePO name. Remove rollout_func, or set tree_sampling=False to train exactly as "
+                "GRPOTrainer does with it."
+            )
+        if self.accelerator.is_main_process:
+            logger.warning(grpo_differences_message(args))
         self._tree_batch: _TreeBatch | None = None
         self._rewards_per_func: torch.Tensor | None = None
         self._rollout_step, self._rollouts_at_step = None, 0  # see `_next_rollout`
@@ -198,13 +208,9 @@ class TreePOTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         grows_tree = self.args.tree_sampling and self.model.training and num_generations == self.num_generations
         if not grows_tree:
-            completion_ids, logprobs = super()._generate_single_turn(
+            return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
-            # The tool loop calls back here for follow-up turns; only the first call describes the batch.
-            if self.model.training and self._tree_batch is None and num_generations == self.num_generations:
-                self._tree_batch = self._sequential_batch(len(prompt_ids), num_generations)
-            return completion_ids, logprobs
         if images is not None or multimodal_fields:
             raise ValueError(
                 "Tree rollouts support text-only prompts. Set tree_sampling=False to train vision-language data."
@@ -219,7 +225,8 @@ class TreePOTrainer(GRPOTrainer):
             for i, (leaf, padded) in enumerate(rows)
         ]
         padded = [padded for _, padded in rows]
-        self._tree_batch = _TreeBatch(paths, padded, [None if p else leaf for leaf, p in rows], stats)
+        truncated = [leaf.finish_reason is FinishReason.LENGTH for leaf, _ in rows]
+        self._tree_batch = _TreeBatch(paths, padded, truncated, [None if p else leaf for leaf, p in rows], stats)
         completion_ids = [list(leaf.token_ids) for leaf, _ in rows]
         # TRL feeds sampling logprobs to vLLM importance sampling; the transformers path has none, as in TRL.
         logprobs = [leaf.logprobs for leaf, _ in rows] if self.use_vllm else None
@@ -350,69 +357,104 @@ class TreePOTrainer(GRPOTrainer):
             )
             return grow_trees(engine, roots, params, self._tokenizer.decode)
 
-    def _sequential_batch(self, num_rows: int, num_generations: int) -> _TreeBatch:
-        """Sequential rollouts as a degenerate tree: every completion is a one-node chain under its prompt.
-
-        Prompt groups are named by global row, since without trees they may straddle processes.
-        """
-        rollout_key = ("sequential", self._next_rollout())
-        first_row = self.accelerator.process_index * num_rows
-        paths = [((rollout_key, (first_row + row) // num_generations), first_row + row) for row in range(num_rows)]
-        return _TreeBatch(paths, [False] * num_rows, [None] * num_rows, RolloutStats())
-
     # ------------------------------------------------------------------------------------------------ advantages
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        return self._rewards_per_func
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._tree_batch is not None:
+            # A padding row repeats a leaf of a prompt short of w leaves (fallback "none"). As NaN it stays out of
+            # every group statistic, TRL's own ("grpo" estimator, logged rewards) included, as if never sampled.
+            padded = self.accelerator.gather(torch.tensor(self._tree_batch.padded, device=rewards_per_func.device))
+            rewards_per_func = rewards_per_func.masked_fill(padded.unsqueeze(1), torch.nan)
+        self._rewards_per_func = rewards_per_func
+        return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        if not (self.args.tree_sampling and self.model.training):
+            return super()._generate_and_score_completions(inputs)  # GRPOTrainer's step, unchanged
         self._tree_batch = None
-        output = super()._generate_and_score_completions(inputs)
+        # A leaf that the tree stopped on purpose (answer, repetition, stop string) ends without EOS, and TRL would
+        # take it for truncated. TRL's masking is off for this call; `_replace_advantages` masks the leaves the
+        # length limit cut, from their finish reasons.
+        mask_truncated, self.mask_truncated_completions = self.mask_truncated_completions, False
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.mask_truncated_completions = mask_truncated
         batch, self._tree_batch = self._tree_batch, None
-        if batch is None or not self.model.training:
-            return output
         paths = [path for process_paths in gather_object([batch.paths]) for path in process_paths]
+        truncated = self.accelerator.gather(torch.tensor(batch.truncated, device=self.accelerator.device))
+        self._log_truncation(output, truncated)
         with profiling_context(self, "tree.advantages"):
-            self._replace_advantages(output, batch, paths)
-        if self.args.tree_sampling:
-            self._log_tree_metrics(batch, paths)
-            # `state.logging_steps` is the Trainer's own resolution of `logging_steps` (a ratio becomes a step count).
-            logs_this_step = self.state.global_step % self.state.logging_steps == 0
-            if self.args.log_completions and self.accelerator.is_main_process and logs_this_step:
-                self._write_tree_picture(batch, output)
+            self._replace_advantages(output, batch, paths, truncated if mask_truncated else None)
+        self._log_tree_metrics(batch, paths)
+        # `state.logging_steps` is the Trainer's own resolution of `logging_steps` (a ratio becomes a step count).
+        logs_this_step = self.state.global_step % self.state.logging_steps == 0
+        if self.args.log_completions and self.accelerator.is_main_process and logs_this_step:
+            self._write_tree_picture(batch, output)
         return output
 
+    def _log_truncation(self, output: dict, truncated: torch.Tensor) -> None:
+        """TRL's truncation metrics, which `_generate` derived from "the last token is not EOS", from finish reasons."""
+        lengths = self.accelerator.gather(output["completion_mask"].sum(dim=1)).float()
+        terminated = lengths[~truncated] if not truncated.all() else torch.zeros(1, device=lengths.device)
+        metrics = self._metrics["train"]
+        metrics["completions/clipped_ratio"][-1] = truncated.float().mean().item()
+        metrics["completions/mean_terminated_length"][-1] = terminated.mean().item()
+        metrics["completions/min_terminated_length"][-1] = terminated.min().item()
+        metrics["completions/max_terminated_length"][-1] = terminated.max().item()
+
     def _summed_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over reward functions, as TRL sums them; NaN where no function scored the row."""
-        weights = self.reward_weights.to(rewards_per_func.device)
-        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        """One reward per row, combining the reward functions as `multi_objective_aggregation` says; NaN where no
+        function scored the row.
+
+        `sum_then_normalize`: the weighted sum, as TRL sums. `normalize_then_sum`: each function is first z-scored
+        over the prompt's scored leaves, as TRL does, then weighted and summed; the tree estimator and its
+        normalisation then play the part of TRL's final batch z-score.
+        """
+        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
+        if self.args.multi_objective_aggregation == "normalize_then_sum":
+            grouped = rewards_per_func.view(-1, self.num_generations, rewards_per_func.size(1))
+            standardized = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (
+                nanstd(grouped, dim=1, keepdim=True) + 1e-4
+            )
+            rewards_per_func = standardized.view_as(rewards_per_func)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
         return rewards
 
-    def _replace_advantages(self, output: dict, batch: _TreeBatch, paths: list[tuple]) -> None:
+    def _replace_advantages(
+        self, output: dict, batch: _TreeBatch, paths: list[tuple], truncated: torch.Tensor | None
+    ) -> None:
+        """Tree advantages for every row, and the loss mask of the rows that do not train.
+
+        `truncated` (every process's rows) is given when `mask_truncated_completions` is on.
+        """
         args, device = self.args, self.accelerator.device
         num_local = output["completion_ids"].size(0)
         rank = self.accelerator.process_index
         process_slice = slice(rank * num_local, (rank + 1) * num_local)
 
-        # Rewards of every row of every process.
+        # Rewards of every row of every process; padding rows are NaN already (`_calculate_rewards`).
         rewards = self._summed_rewards(self._rewards_per_func)
+        padded = self.accelerator.gather(torch.tensor(batch.padded, device=device))
         # TRL's None means "not scored": such a row joins no group statistic and is masked out of the loss, so it adds
         # neither a KL term nor tokens to the normaliser (GRPOTrainer only zeroes its advantage).
-        keep = ~self.accelerator.gather(torch.tensor(batch.padded, device=device)) & ~torch.isnan(rewards)
-        self._metrics["train"]["tree/unscored_leaf_ratio"].append(torch.isnan(rewards).float().mean().item())
+        scored = ~torch.isnan(rewards)
+        unscored = (~scored & ~padded).float().sum() / (~padded).float().sum()
+        self._metrics["train"]["tree/unscored_leaf_ratio"].append(unscored.item())
 
         # Dynamic sampling (paper §3.1): a prompt whose scored leaves all share one reward teaches nothing.
         if args.tree_filter_zero_std_prompts:
             grouped = rewards.view(-1, self.num_generations)
-            scored = ~torch.isnan(grouped)
-            lowest = torch.where(scored, grouped, torch.inf).min(dim=1).values
-            highest = torch.where(scored, grouped, -torch.inf).max(dim=1).values
+            lowest = torch.nan_to_num(grouped, nan=torch.inf).min(dim=1).values
+            highest = torch.nan_to_num(grouped, nan=-torch.inf).max(dim=1).values
             informative = highest > lowest
             self._metrics["train"]["tree/filtered_prompt_ratio"].append(1.0 - informative.float().mean().item())
-            keep &= informative.repeat_interleave(self.num_generations)
-        rewards = torch.where(keep, rewards, torch.full_like(rewards, torch.nan))
+            scored &= informative.repeat_interleave(self.num_generations)
+        # Truncated leaves still count in their groups' statistics, as in GRPO; they only do not train.
+        keep = scored if truncated is None else scored & ~truncated
+        rewards = torch.where(scored, rewards, torch.full_like(rewards, torch.nan))
 
         local_keep = keep[process_slice]
         if not keep.all():  # global, so every process joins the gather below
@@ -447,13 +489,7 @@ class TreePOTrainer(GRPOTrainer):
         # "tree_segment": one value per segment, handed to the loss as [B, T]
         lengths = self.accelerator.gather(output["completion_mask"].sum(dim=1)).cpu()
         advantages = compute_segment_advantages(
-            rewards,
-            paths,
-            lengths.tolist(),
-            args.tree_segment_length,
-            weighting=args.tree_advantage_weighting,
-            reject_zero_std_subgroups=args.tree_reject_zero_std_subgroups,
-            discount=args.tree_segment_advantage_discount,
+            rewards, paths, lengths.tolist(), args.tree_segment_length, discount=args.tree_segment_advantage_discount
         )
         token_weights = (torch.arange(advantages.size(1))[None, :] < lengths[:, None]).double() * keep.cpu()[:, None]
         if args.tree_advantage_normalization == "batch_whiten":
@@ -546,7 +582,7 @@ class TreePOTrainer(GRPOTrainer):
         leaves = [batch.leaves[row] for row in rows]
         if not leaves or any(leaf is None for leaf in leaves):
             return
-        rewards = self._summed_rewards(self._rewards_per_func[rows]).cpu()
+        rewards = self._summed_rewards(self._rewards_per_func)[rows].cpu()
         advantages = output["advantages"][rows].float().cpu()
         if advantages.dim() == 2:  # per token: show each leaf's mean over its tokens
             mask = output["completion_mask"][rows].float().cpu()

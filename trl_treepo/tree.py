@@ -6,8 +6,9 @@ Every prompt grows a tree whose nodes are fixed-length decoding segments. Decodi
 1. each new segment is classified (§2.3): repetition, answer, EOS, length — a stopped path becomes a leaf;
 2. each prompt's surviving paths share a branching budget (§2.4, with "budget transfer" from paths that just
    stopped): ``T = max(|live|, min(w - |done|, b * (|stopped now| + |live|)))``;
-3. a prompt left with no live path and fewer than w leaves falls back (§2.5): it re-branches from a random segment
-   boundary of a leaf that ended with an answer or EOS.
+3. a prompt left with no live path and fewer than w leaves falls back (§2.5): it re-branches, b copies at a time,
+   from random segment boundaries of leaves that ended with an answer or EOS; the width still owed stays branching
+   budget, so the re-grown paths branch again.
 
 Together these give every prompt exactly w leaves (unless fallback is off). Non-final segments are exactly
 `segment_length` tokens long, so segment j of a leaf is ``token_ids[j*l:(j+1)*l]`` and its node id is ``nodes[j]``.
@@ -36,7 +37,7 @@ class FinishReason(str, Enum):
     """
 
     ANSWER = "answer"  # a complete \boxed{} answer (with EOS under `boxed_and_eos`)
-    EOS = "eos"  # the engine ended the sequence: EOS, or a user stop condition
+    EOS = "eos"  # the sequence ended: EOS, a stop string, or another stop condition of the engine
     LENGTH = "length"  # d segments, i.e. `max_response_length` tokens
     REPETITION = "repetition"  # a repeated text window in the last segment
 
@@ -238,12 +239,15 @@ def _last_segment_mean_logprob(path: _Path, segment_length: int) -> float:
 def _fallback_branches(
     leaves: list[Leaf], remaining: int, params: TreeSamplingParams, rng: random.Random, decode: Decode
 ) -> list[tuple[_Path, int]]:
-    """(start path, copies) pairs that bring a finished prompt back to `remaining` open branches.
+    """(start path, copies) pairs of one fallback event (spec §2.5), as the released sampler queues them.
 
-    Candidates (policy `random_cut`) are leaves that ended with an answer or EOS, in random order and reused in
-    turn if needed; each gets ``min(b, still needed)`` copies cut at a uniform random segment boundary strictly
-    before its end (0 included: a restart from the prompt). The copies keep the leaf's node ids up to the cut, so
-    they join its ancestor subgroups. With no candidate, or policy `restart`, the copies start from the prompt.
+    Candidates (policy `random_cut`) are the leaves that ended with an answer or EOS, in random order. Each is used
+    once, cut at a uniform random segment boundary strictly before its end (0 included: a restart from the prompt),
+    and gets ``min(b, still owed)`` copies. With no candidate, or policy `restart`, one start from the prompt gets
+    ``min(b, still owed)`` copies. The event does not fill the whole width: what is still owed stays branching
+    budget, so the re-grown paths branch again at the next segment boundaries and keep the local subgroups that
+    the advantage compares within. The copies keep the leaf's node ids up to the cut, so they also join its
+    ancestor subgroups. If they all stop early again, the next event takes the next candidates.
     """
     prompt_index = leaves[0].prompt_index
     candidates = []
@@ -251,12 +255,11 @@ def _fallback_branches(
         candidates = [leaf for leaf in leaves if leaf.finish_reason in FALLBACK_ELIGIBLE]
         rng.shuffle(candidates)
     if not candidates:
-        return [(_Path(prompt_index, (), [], [], "", True), remaining)]
+        return [(_Path(prompt_index, (), [], [], "", True), min(params.branching_factor, remaining))]
     branches = []
-    turn = 0
-    while remaining > 0:
-        leaf = candidates[turn % len(candidates)]
-        turn += 1
+    for leaf in candidates:
+        if remaining == 0:
+            break
         num_segments = math.ceil(len(leaf.token_ids) / params.segment_length)
         kept_segments = num_segments - rng.randint(1, num_segments)
         cut = kept_segments * params.segment_length
@@ -276,6 +279,32 @@ def _fallback_branches(
 
 
 # ------------------------------------------------------------------------------------------------- main loop (§2.1)
+
+
+def _stop_string_cut(
+    previous_text: str, segment: list[int], segment_text: str, stop_strings: Sequence[str], decode: Decode
+) -> int | None:
+    """Tokens of `segment` to keep when a stop string ends inside it (spanning the boundary or not), else None.
+
+    Keeps the tokens up to the one that completes the earliest stop string, as vLLM does. "The text holds a stop
+    string" only grows with the kept tokens, so the shortest such prefix is found by bisection.
+    """
+    overlap = max(len(stop) for stop in stop_strings) - 1  # characters of a stop string the last segment may hold
+    lookback = previous_text[len(previous_text) - overlap :] if overlap else ""
+
+    def stops(text: str) -> bool:
+        return any(stop in lookback + text for stop in stop_strings)
+
+    if not stops(segment_text):
+        return None
+    low, high = 1, len(segment)  # the shortest prefix that stops lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if stops(decode(segment[:middle])):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def _trim_at_eos(output: SegmentOutput, eos_token_ids: frozenset[int], max_tokens: int) -> tuple[list, list, bool]:
@@ -340,6 +369,12 @@ def grow_trees(
                 stats.decoded_tokens += len(output.token_ids)
                 segment, segment_logprobs, ended = _trim_at_eos(output, eos_token_ids, request.max_tokens)
                 segment_text = decode(segment) if segment else ""
+                if params.stop_strings and segment:
+                    keep = _stop_string_cut(parent.text, segment, segment_text, params.stop_strings, decode)
+                    if keep is not None:
+                        segment = segment[:keep]
+                        segment_logprobs = None if segment_logprobs is None else segment_logprobs[:keep]
+                        segment_text, ended = decode(segment), True
                 child = _Path(
                     parent.prompt_index,
                     parent.nodes + (next_node,),
@@ -382,7 +417,7 @@ def grow_trees(
                 remaining = params.width - len(done[prompt_index])
                 branches = _fallback_branches(done[prompt_index], remaining, params, rng, decode)
                 stats.fallback_events += 1
-                stats.fallback_branches += remaining
+                stats.fallback_branches += sum(copies for _, copies in branches)
                 frontier.extend(branches)
 
     stats.leaf_tokens = sum(len(leaf.token_ids) for leaves in done for leaf in leaves)

@@ -10,11 +10,13 @@ repeated for its branches; such rows are merged with the cached ones into one ba
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import torch
 from transformers import (
     DynamicCache,
+    DynamicLayer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -25,6 +27,24 @@ from transformers import (
 )
 
 from ..sampling import SegmentOutput, SegmentRequest
+
+logger = logging.getLogger(__name__)
+_warned_models: set[str] = set()
+
+
+def cache_reuse_obstacle(model) -> str | None:
+    """Why this model's cache cannot be handed from a node to its children row by row, or None if it can.
+
+    Reuse selects, repeats and left-pads cached rows along the sequence axis, which only a plain full-attention KV
+    layer supports: a sliding-window layer keeps only the last keys, and the recurrent or convolutional states of
+    Mamba, linear-attention and conv layers have no sequence axis.
+    """
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception as error:  # a config the generic cache cannot describe
+        return f"its cache layout is unknown ({type(error).__name__}: {error})"
+    kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+    return f"its cache has {', '.join(kinds)} layers" if kinds else None
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
@@ -101,6 +121,7 @@ class TransformersSegmentEngine:
         self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
         self.generation_config = copy.deepcopy(generation_config)
         self.generation_config.return_dict_in_generate = True
+        self.generation_config.stop_strings = None  # the tree sampler applies them, across segment boundaries
         self.warpers = []
         if return_logprobs:
             # Run the warpers ourselves, so that the recorder sees the distribution tokens are sampled from.
@@ -109,8 +130,20 @@ class TransformersSegmentEngine:
             self.generation_config.top_k = None
             self.generation_config.top_p = None
             self.generation_config.min_p = None
-        # A static or quantized cache cannot be sliced row by row.
-        self.reuse_kv_cache = reuse_kv_cache and generation_config.cache_implementation is None
+        self.reuse_kv_cache = reuse_kv_cache
+        if reuse_kv_cache:
+            obstacle = cache_reuse_obstacle(model)
+            if generation_config.cache_implementation is not None:
+                obstacle = f"cache_implementation={generation_config.cache_implementation!r} cannot be sliced by row"
+            if obstacle is not None:
+                self.reuse_kv_cache = False
+                name = model.config.model_type
+                if name not in _warned_models:
+                    _warned_models.add(name)
+                    logger.warning(
+                        f"tree_reuse_kv_cache is off for this {name} model: {obstacle}. Each tree level re-reads its "
+                        "paths' prefixes instead, which is exact but slower."
+                    )
         self._kept = None  # (sequences, attention_mask, cache, row of each continuable full sequence)
         self.prefilled_tokens = 0  # prefix tokens read again because no cached row held them
 

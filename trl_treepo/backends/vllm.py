@@ -14,14 +14,34 @@ serves from cache instead of recomputing (TreePO's KV reuse, spec §3).
 from __future__ import annotations
 
 import math
+import shlex
 import time
 from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
 
+from ..config import STOP_STRING_KEYS
 from ..sampling import SegmentOutput, SegmentRequest
 from ..tree import RolloutStats, TreeRollout, grow_trees
+
+
+# How to start the server for TreePO's server mode. `trl vllm-serve` (deprecated in TRL 1.16, removed in 2.0) only
+# execs `vllm serve` with this environment and these flags; prefix caching must be on, since every tree level resubmits
+# shared prefixes. docs/vllm.md shows `server_command`, and the tests serve with exactly these flags.
+SERVER_ENVIRONMENT = {"VLLM_SERVER_DEV_MODE": "1"}  # exposes the weight-transfer and prefix-cache-reset endpoints
+SERVER_FLAGS = (
+    "--enable-prefix-caching",
+    "--logprobs-mode", "processed_logprobs",  # the sampling distribution's logprobs, for importance sampling
+    "--max-logprobs", "-1",
+    "--weight-transfer-config", '{"backend": "nccl"}',  # the trainer pushes its weights over NCCL every step
+)  # fmt: skip
+
+
+def server_command(model: str) -> str:
+    """The shell command that serves `model` for `vllm_mode="server"`: `vllm serve` as `trl vllm-serve` runs it."""
+    environment = " ".join(f"{name}={value}" for name, value in SERVER_ENVIRONMENT.items())
+    return f"{environment} vllm serve {shlex.join([model, *SERVER_FLAGS])}"
 
 
 def sampling_settings(vllm_generation) -> dict:
@@ -34,7 +54,8 @@ def sampling_settings(vllm_generation) -> dict:
         "min_p": 0.0 if vllm_generation.min_p is None else vllm_generation.min_p,
     }
     settings.update(vllm_generation.generation_kwargs or {})
-    for owned in ("n", "max_tokens", "logprobs"):  # the tree decides these per request
+    # The tree decides these per request; stop strings are applied by the sampler, across segment boundaries.
+    for owned in ("n", "max_tokens", "logprobs", *STOP_STRING_KEYS):
         settings.pop(owned, None)
     return settings
 
