@@ -16,3 +16,30 @@ def tiny_model(tmp_path_factory):
     from trl_treepo.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture
+def scripted_rollouts(tiny_model, monkeypatch):
+    """Replace the model's sampling by a script, inside the real trainer: `install(respond)`, where
+    `respond(encode, eos, request, branch)` returns a segment's token ids. Everything else (rewards, log-probs, the
+    loss) runs on the real model."""
+    from transformers import AutoTokenizer
+
+    import trl_treepo.trainer as trainer_module
+    from trl_treepo.testing import ScriptedEngine
+    from trl_treepo.tree import grow_trees
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def install(respond):
+        def scripted_grow_trees(engine, roots, params, decode):
+            script = ScriptedEngine(lambda request, branch, rng: respond(encode, eos, request, branch), eos)
+            return grow_trees(script, roots, params, decode)
+
+        monkeypatch.setattr(trainer_module, "grow_trees", scripted_grow_trees)
+
+    return install

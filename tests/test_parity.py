@@ -8,36 +8,11 @@ from test_trainer import record_batches, reward_length, reward_vowels, tiny_args
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
-import trl_treepo.trainer as trainer_module
 from trl_treepo import TreePOTrainer, compute_tree_advantages, whiten
 from trl_treepo.config import grpo_differences_reference
-from trl_treepo.testing import ScriptedEngine, make_math_dataset
-from trl_treepo.tree import grow_trees
+from trl_treepo.testing import make_math_dataset
 
 SEGMENT, DEPTH, WIDTH = 6, 3, 4
-
-
-@pytest.fixture
-def scripted_rollouts(tiny_model, monkeypatch):
-    """Replace the model's sampling by a script (`respond(words, request, branch)`), inside the real trainer.
-
-    The script answers in words of the tiny model's vocabulary; everything else (rewards, log-probs, the loss)
-    runs on the real model.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def encode(text):
-        return tokenizer.encode(text, add_special_tokens=False)
-
-    def install(respond):
-        def scripted_grow_trees(engine, roots, params, decode):
-            script = ScriptedEngine(lambda request, branch, rng: respond(encode, eos, request, branch), eos)
-            return grow_trees(script, roots, params, decode)
-
-        monkeypatch.setattr(trainer_module, "grow_trees", scripted_grow_trees)
-
-    return install
 
 
 def make_trainer(tiny_model, tmp_path, reward_funcs=reward_length, **overrides):

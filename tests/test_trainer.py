@@ -195,6 +195,7 @@ BAD_VALUES = [
     (dict(tree_server_request_timeout=0), "tree_server_request_timeout"),
     (dict(tree_server_max_retries=-1), "tree_server_max_retries"),
     (dict(tree_rollout_timeout=0.0), "tree_rollout_timeout"),
+    (dict(tree_packed_max_tokens=0), "tree_packed_max_tokens"),
 ]
 
 

@@ -137,10 +137,18 @@ class TreePOConfig(GRPOConfig):
 
         tree_packed_training (`bool`, *optional*, defaults to `False`):
             Forward and back-propagate each shared prefix once: the rows that share a prompt are packed into a token
-            trie with a tree attention mask, and each leaf's log-probabilities are gathered back out. The loss and
-            gradients equal the unpacked ones. Not in the paper (whose code recomputes shared prefixes per leaf).
-            Needs an attention implementation that takes a 4D mask (`sdpa` or `eager`); others, multimodal and MoE
-            models fall back to the unpacked path with a warning.
+            trie with tree attention (memory linear in its tokens), each leaf's log-probabilities are gathered back
+            out, and the generation batch is cut into micro-batches of whole trees. The loss and gradients equal the
+            unpacked ones. Not in the paper (whose code recomputes shared prefixes per leaf). Packing only runs where
+            it is exact: full causal attention with rotary positions, through `sdpa` (or flash/flex) attention.
+            Sliding windows, Mamba/convolution/linear-attention layers, absolute positions, attention sinks,
+            `eager` attention, multimodal inputs and the MoE auxiliary loss fall back to the unpacked forward with a
+            one-time warning naming the reason, as does a model whose first packed batch fails a self-check
+            against the unpacked forward.
+        tree_packed_max_tokens (`int`, *optional*, defaults to `32768`):
+            Token budget of one packed sequence: a micro-batch's tries are placed in sequences of at most this many
+            tokens, each its own forward, and a trie larger than the budget is split by leaves. Bounds the
+            per-forward memory that grows with sequence length. `None`: one sequence per micro-batch.
 
         > Parameters from GRPOConfig whose default follows the paper
 
@@ -300,8 +308,15 @@ class TreePOConfig(GRPOConfig):
     tree_packed_training: bool = field(
         default=False,
         metadata={
-            "help": "Beyond the paper: forward and back-propagate each shared prefix once, with a tree attention "
-            "mask (exact; needs sdpa or eager attention, else falls back)."
+            "help": "Beyond the paper: forward and back-propagate each shared prefix once, with tree attention and "
+            "micro-batches of whole trees (exact; models where it cannot be exact fall back, with a warning)."
+        },
+    )
+    tree_packed_max_tokens: int | None = field(
+        default=32768,
+        metadata={
+            "help": "Token budget of one packed sequence (one forward); larger tries are split by leaves. None: one "
+            "sequence per micro-batch."
         },
     )
 
@@ -376,6 +391,8 @@ class TreePOConfig(GRPOConfig):
                 "tree_server_request_timeout must be positive and tree_server_max_retries >= 0, got "
                 f"{self.tree_server_request_timeout} and {self.tree_server_max_retries}."
             )
+        if self.tree_packed_max_tokens is not None and self.tree_packed_max_tokens < 1:
+            raise ValueError(f"tree_packed_max_tokens must be a positive token count or None, got {self.tree_packed_max_tokens}.")
         if self.tree_rollout_timeout is not None and self.tree_rollout_timeout <= 0:
             raise ValueError(f"tree_rollout_timeout must be positive seconds, got {self.tree_rollout_timeout}.")
         if self.tree_sampling:

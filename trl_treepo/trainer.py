@@ -14,6 +14,7 @@ Wiring only. These GRPOTrainer methods are extended, each through `super()`:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
+from trl.trainer import grpo_trainer
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import is_async_callable, nanstd
@@ -41,7 +43,8 @@ from .backends.vllm import (
     sync_weights_by_reload,
 )
 from .config import TreePOConfig, configuration_card, grpo_differences_message
-from .packing import pack_rows
+from .architecture import attention_extras, non_full_attention_layers, non_relative_positions
+from .packing import PACKING_TOLERANCE, WRAPPED_ATTENTION, install_tree_attention, pack_rows, shuffle_whole_trees
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
 from .visualize import render_tree_html
 
@@ -77,6 +80,18 @@ def _naming_failures(func, name: str):
 
     functools.update_wrapper(wrapped, func if hasattr(func, "__name__") else func.__call__)
     return wrapped
+
+
+@contextlib.contextmanager
+def _shuffling_whole_trees():
+    """Within the block, GRPOTrainer's generation-batch shuffle permutes whole trees instead of rows."""
+    if not hasattr(grpo_trainer, "shuffle_sequence_dict"):  # a TRL release that moved it: fail loudly, not silently
+        raise RuntimeError("trl.trainer.grpo_trainer.shuffle_sequence_dict is gone; tree-aware micro-batches need it.")
+    original, grpo_trainer.shuffle_sequence_dict = grpo_trainer.shuffle_sequence_dict, shuffle_whole_trees
+    try:
+        yield
+    finally:
+        grpo_trainer.shuffle_sequence_dict = original
 
 
 @dataclass
@@ -173,6 +188,10 @@ class TreePOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_mode == "colocate" and engine_runs_on_cpu():
             # TRL's colocate sync cannot load into vLLM-CPU's prepacked layers; GPU engines keep TRL's own sync.
             self.vllm_generation.sync_weights = types.MethodType(sync_weights_by_reload, self.vllm_generation)
+        self._packing_verified: bool | None = None  # the first packed forward's self-check: not yet run, passed, failed
+        self._packing_warnings: set[str] = set()
+        if args.tree_packed_training:
+            install_tree_attention()
         self._rollout_group = None
         if self.use_vllm and self.vllm_mode == "server" and args.tree_sampling:
             timeout = args.tree_rollout_timeout if args.tree_rollout_timeout is not None else args.ddp_timeout
@@ -511,7 +530,15 @@ class TreePOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------ packed training
 
-    _PACKABLE_ATTENTION = ("sdpa", "eager")
+    _PACKABLE_ATTENTION = WRAPPED_ATTENTION
+
+    def _prepare_inputs(self, generation_batch):
+        if not (self.args.tree_packed_training and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        # TRL shuffles the generation batch row by row before cutting it into micro-batches, so a micro-batch would
+        # hold scattered leaves of many trees; shuffled tree by tree, each gradient pass packs whole tries.
+        with _shuffling_whole_trees():
+            return super()._prepare_inputs(generation_batch)
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -519,56 +546,105 @@ class TreePOTrainer(GRPOTrainer):
     ):  # fmt: skip
         """With `tree_packed_training`, one forward over each prompt's token trie instead of one per row (exact).
 
-        Everything else, and whatever cannot take a tree mask, goes to TRL's own method.
+        Everything else, and whatever packing cannot compute exactly, goes to TRL's own method.
         """
-        unwrapped = None
-        if self.args.tree_packed_training:
-            unwrapped = self._packable(model, compute_aux_loss, multimodal_inputs)
-        if unwrapped is None:
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-                **multimodal_inputs,
-            )  # fmt: skip
-        eager = unwrapped.config._attn_implementation == "eager"
+        packing = self.args.tree_packed_training and self._packing_verified is not False
+        if packing and self._packable(model, compute_aux_loss, multimodal_inputs):
+            packed = self._packed_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy
+            )
+            if packed is not None:
+                return packed
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+            **multimodal_inputs,
+        )  # fmt: skip
+
+    def _packed_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy):
+        """Packed log-probs and entropies; None when the first-use self-check finds them off the unpacked ones."""
         batch_size = batch_size or input_ids.size(0)  # TRL's memory chunking, kept; sharing is found within a chunk
         logps, entropies, packed_tokens, row_tokens = [], [], 0, 0
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            packed = pack_rows(input_ids[rows], attention_mask[rows], logits_to_keep)
-            # SDPA reads a boolean mask; eager attention adds the mask to its scores.
-            tree_mask = packed.additive_mask(unwrapped.dtype) if eager else packed.attention_mask
-            with self.accelerator.autocast():
-                outputs = model(
-                    input_ids=packed.input_ids,
-                    attention_mask=tree_mask,
-                    position_ids=packed.position_ids,
-                    shift_labels=packed.shift_labels,
-                    fused_lm_head=True,
-                )
-            logps.append(packed.unpack(outputs.log_probs))
+            packed = pack_rows(input_ids[rows], attention_mask[rows], logits_to_keep,
+                               max_tokens=self.args.tree_packed_max_tokens)  # fmt: skip
+            outputs = []
+            for sequence in packed.sequences:
+                with self.accelerator.autocast():
+                    outputs.append(
+                        model(
+                            input_ids=sequence.input_ids,
+                            attention_mask=sequence.attention_mask,
+                            position_ids=sequence.position_ids,
+                            shift_labels=sequence.shift_labels,
+                            fused_lm_head=True,
+                            tree_attention=sequence.tree,
+                        )
+                    )
+            logps.append(packed.unpack([output.log_probs for output in outputs]))
             if compute_entropy:
-                entropies.append(packed.unpack(outputs.entropy))
+                entropies.append(packed.unpack([output.entropy for output in outputs]))
             packed_tokens += packed.packed_tokens
             row_tokens += packed.row_tokens
+        logps = torch.cat(logps)
+        if self._packing_verified is None:
+            if not self._packing_matches_unpacked(model, input_ids, attention_mask, logits_to_keep, batch_size, logps):
+                return None
+            self._packing_verified = True
         if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
             self._metrics["train"]["tree/packed_token_ratio"].append(packed_tokens / max(row_tokens, 1))
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+        return logps, torch.cat(entropies) if compute_entropy else None, None
 
-    def _packable(self, model, compute_aux_loss: bool, multimodal_inputs: dict):
-        """The unwrapped model when this forward can be packed; else None, after a one-time warning saying why."""
+    def _packing_matches_unpacked(self, model, input_ids, attention_mask, logits_to_keep, batch_size, logps) -> bool:
+        """First-use self-check: the packed log-probs of this batch against TRL's unpacked forward.
+
+        Within `PACKING_TOLERANCE` of the model's precision, packing is on for the run; beyond it, it is off for the
+        run, with a warning that gives the gap, since the architecture checks cannot foresee every model.
+        """
+        with torch.no_grad():
+            reference = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size
+            )[0]
+        valid = attention_mask[:, -logits_to_keep:].bool()
+        gaps = (logps.detach() - reference)[valid].abs().float()
+        if gaps.numel() == 0:
+            return True
+        precision = self.accelerator.unwrap_model(model).dtype
+        if self.accelerator.mixed_precision in ("bf16", "fp16"):
+            precision = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float16
+        max_gap, mean_gap = PACKING_TOLERANCE.get(precision, PACKING_TOLERANCE[torch.bfloat16])
+        if gaps.max() <= max_gap and gaps.mean() <= mean_gap:
+            return True
+        self._packing_verified = False
+        logger.warning(
+            f"tree_packed_training is off for this run: on the first batch, packed log-probs differ from the unpacked "
+            f"ones by up to {gaps.max().item():.3g} (mean {gaps.mean().item():.3g}; tolerance {max_gap} / {mean_gap} "
+            f"in {precision}). This model's attention or positions do not allow exact packing; training continues "
+            "unpacked. Please report the model at the trl-treepo issue tracker."
+        )
+        return False
+
+    def _packable(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
+        """Whether this forward can be packed exactly; if not, a one-time warning says why (spec: exact or refused)."""
         unwrapped = self.accelerator.unwrap_model(model)
         attention = getattr(unwrapped.config, "_attn_implementation", None)
         reason = None
         if attention not in self._PACKABLE_ATTENTION:
-            reason = f"attention implementation {attention!r} cannot take a tree attention mask (use sdpa or eager)"
-        elif compute_aux_loss:
-            reason = "MoE load-balancing loss is computed per row"
-        elif any(value is not None for value in multimodal_inputs.values()):
+            reason = (
+                f"attention implementation {attention!r} has no tree attention (load the model with "
+                "attn_implementation='sdpa', which computes the same attention)"
+            )
+        else:
+            reason = non_full_attention_layers(unwrapped) or non_relative_positions(unwrapped)
+            reason = reason or attention_extras(unwrapped)
+        if reason is None and compute_aux_loss:
+            reason = "the MoE load-balancing loss is computed per row"
+        if reason is None and any(value is not None for value in multimodal_inputs.values()):
             reason = "multimodal inputs are not packed"
-        if reason is not None and not getattr(self, "_warned_packing", False):
-            self._warned_packing = True
-            logger.warning(f"tree_packed_training falls back to the unpacked forward: {reason}.")
-        return unwrapped if reason is None else None
+        if reason is not None and reason not in self._packing_warnings:
+            self._packing_warnings.add(reason)
+            logger.warning(f"tree_packed_training falls back to the unpacked forward for this model: {reason}.")
+        return reason is None
 
     # --------------------------------------------------------------------------------------------------- metrics
 

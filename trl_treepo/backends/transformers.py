@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 from transformers import (
     DynamicCache,
-    DynamicLayer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -26,25 +25,11 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from ..architecture import non_full_attention_layers
 from ..sampling import SegmentOutput, SegmentRequest
 
 logger = logging.getLogger(__name__)
 _warned_models: set[str] = set()
-
-
-def cache_reuse_obstacle(model) -> str | None:
-    """Why this model's cache cannot be handed from a node to its children row by row, or None if it can.
-
-    Reuse selects, repeats and left-pads cached rows along the sequence axis, which only a plain full-attention KV
-    layer supports: a sliding-window layer keeps only the last keys, and the recurrent or convolutional states of
-    Mamba, linear-attention and conv layers have no sequence axis.
-    """
-    try:
-        layers = DynamicCache(config=model.config).layers
-    except Exception as error:  # a config the generic cache cannot describe
-        return f"its cache layout is unknown ({type(error).__name__}: {error})"
-    kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
-    return f"its cache has {', '.join(kinds)} layers" if kinds else None
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
@@ -132,7 +117,10 @@ class TransformersSegmentEngine:
             self.generation_config.min_p = None
         self.reuse_kv_cache = reuse_kv_cache
         if reuse_kv_cache:
-            obstacle = cache_reuse_obstacle(model)
+            # Reuse selects, repeats and left-pads cached rows along the sequence axis, which only a plain
+            # full-attention KV layer supports: a sliding window keeps only the last keys, and the recurrent or
+            # convolutional states of Mamba, linear-attention and conv layers have no sequence axis.
+            obstacle = non_full_attention_layers(model)
             if generation_config.cache_implementation is not None:
                 obstacle = f"cache_implementation={generation_config.cache_implementation!r} cannot be sliced by row"
             if obstacle is not None:
