@@ -28,3 +28,16 @@ def test_training_benchmark_compares_grpo_treepo_and_packed_steps(tiny_model):
     assert train["treepo"]["completion_tokens"] == train["treepo-packed"]["completion_tokens"]  # the same trees
     assert 0 < train["treepo-packed"]["packed_token_ratio"] < 1
     assert all(train[name]["loss_s"] > 0 and train[name]["peak_memory_mb"] > 0 for name in ("grpo", "treepo"))
+
+
+def test_packing_benchmark_measures_every_path_on_the_same_tree():
+    command = [sys.executable, "-m", "trl_treepo.benchmark", "--packing", "2x16", "--layers", "1", "--width", "4",
+               "--json"]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (point,) = json.loads(finished.stdout.strip().splitlines()[-1])["packing"]
+    assert (point["depth"], point["segment_length"]) == (2, 16)
+    assert 0 < point["packed_token_ratio"] < 1 and point["unique_tokens"] < point["row_tokens"]
+    for mode in ("unpacked", "dense", "tree"):
+        assert point[mode]["loss_s"] > 0 and point[mode]["peak_mb"] > 0
+    assert point["tree_speedup"] == point["unpacked"]["loss_s"] / point["tree"]["loss_s"]

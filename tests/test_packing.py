@@ -310,9 +310,9 @@ def test_the_first_use_self_check_turns_packing_off_when_it_is_not_exact(tmp_pat
                                                                          caplog):  # fmt: skip
     """A model the architecture checks would let through, but whose packed log-probs are off: GPT-2's absolute
     positions, with the position check switched off. The first batch's comparison catches it."""
-    import trl_treepo.trainer as trainer_module
+    import trl_treepo.architecture as architecture
 
-    monkeypatch.setattr(trainer_module, "non_relative_positions", lambda model: None)
+    monkeypatch.setattr(architecture, "non_relative_positions", lambda model: None)
     model = make_tiny_model(tmp_path_factory.mktemp("gpt2"), family="gpt2")
     with caplog.at_level(logging.WARNING, logger="trl_treepo.trainer"):
         trainer, logs, changed, _ = train(model, tmp_path, max_steps=2, tree_packed_training=True)

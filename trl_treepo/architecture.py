@@ -53,3 +53,17 @@ def attention_extras(model) -> str | None:
         if getattr(module, "sinks", None) is not None:
             return f"its attention has sinks ({name})"
     return None
+
+
+def packing_obstacle(model, attention_implementations) -> str | None:
+    """Why a packed forward of `model` cannot be exact; None if it can (see `trl_treepo.packing`).
+
+    `attention_implementations` are those whose attention function takes a tree layout.
+    """
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in attention_implementations:
+        return (
+            f"attention implementation {attention!r} has no tree attention (load the model with "
+            "attn_implementation='sdpa', which computes the same attention)"
+        )
+    return non_full_attention_layers(model) or non_relative_positions(model) or attention_extras(model)

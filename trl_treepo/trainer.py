@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
-from trl.trainer import grpo_trainer
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
+from trl.trainer import grpo_trainer
 from trl.trainer.utils import is_async_callable, nanstd
 
 from .advantages import compute_segment_advantages, compute_tree_advantages, whiten
+from .architecture import packing_obstacle
 from .backends.transformers import TransformersSegmentEngine
 from .backends.vllm import (
     RolloutGroup,
@@ -43,7 +44,6 @@ from .backends.vllm import (
     sync_weights_by_reload,
 )
 from .config import TreePOConfig, configuration_card, grpo_differences_message
-from .architecture import attention_extras, non_full_attention_layers, non_relative_positions
 from .packing import PACKING_TOLERANCE, WRAPPED_ATTENTION, install_tree_attention, pack_rows, shuffle_whole_trees
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
 from .visualize import render_tree_html
@@ -190,6 +190,7 @@ class TreePOTrainer(GRPOTrainer):
             self.vllm_generation.sync_weights = types.MethodType(sync_weights_by_reload, self.vllm_generation)
         self._packing_verified: bool | None = None  # the first packed forward's self-check: not yet run, passed, failed
         self._packing_warnings: set[str] = set()
+        self._packing_obstacles: dict[int, str | None] = {}  # per model (policy, reference)
         if args.tree_packed_training:
             install_tree_attention()
         self._rollout_group = None
@@ -588,9 +589,11 @@ class TreePOTrainer(GRPOTrainer):
             row_tokens += packed.row_tokens
         logps = torch.cat(logps)
         if self._packing_verified is None:
-            if not self._packing_matches_unpacked(model, input_ids, attention_mask, logits_to_keep, batch_size, logps):
+            self._packing_verified = self._packing_matches_unpacked(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, logps
+            )
+            if not self._packing_verified:
                 return None
-            self._packing_verified = True
         if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
             self._metrics["train"]["tree/packed_token_ratio"].append(packed_tokens / max(row_tokens, 1))
         return logps, torch.cat(entropies) if compute_entropy else None, None
@@ -615,7 +618,6 @@ class TreePOTrainer(GRPOTrainer):
         max_gap, mean_gap = PACKING_TOLERANCE.get(precision, PACKING_TOLERANCE[torch.bfloat16])
         if gaps.max() <= max_gap and gaps.mean() <= mean_gap:
             return True
-        self._packing_verified = False
         logger.warning(
             f"tree_packed_training is off for this run: on the first batch, packed log-probs differ from the unpacked "
             f"ones by up to {gaps.max().item():.3g} (mean {gaps.mean().item():.3g}; tolerance {max_gap} / {mean_gap} "
@@ -627,16 +629,9 @@ class TreePOTrainer(GRPOTrainer):
     def _packable(self, model, compute_aux_loss: bool, multimodal_inputs: dict) -> bool:
         """Whether this forward can be packed exactly; if not, a one-time warning says why (spec: exact or refused)."""
         unwrapped = self.accelerator.unwrap_model(model)
-        attention = getattr(unwrapped.config, "_attn_implementation", None)
-        reason = None
-        if attention not in self._PACKABLE_ATTENTION:
-            reason = (
-                f"attention implementation {attention!r} has no tree attention (load the model with "
-                "attn_implementation='sdpa', which computes the same attention)"
-            )
-        else:
-            reason = non_full_attention_layers(unwrapped) or non_relative_positions(unwrapped)
-            reason = reason or attention_extras(unwrapped)
+        if id(unwrapped) not in self._packing_obstacles:  # the architecture does not change during a run
+            self._packing_obstacles[id(unwrapped)] = packing_obstacle(unwrapped, self._PACKABLE_ATTENTION)
+        reason = self._packing_obstacles[id(unwrapped)]
         if reason is None and compute_aux_loss:
             reason = "the MoE load-balancing loss is computed per row"
         if reason is None and any(value is not None for value in multimodal_inputs.values()):
