@@ -40,6 +40,13 @@ def _group_statistics(rewards: list[float], paths: Sequence[Path]) -> dict[tuple
     return members
 
 
+def _group_means(rewards: torch.Tensor, paths: Sequence[Path]) -> tuple[list[float], dict, dict]:
+    """The rewards as floats, the scored members of every group, and every group's mean."""
+    values = rewards.detach().double().cpu().tolist()
+    groups = _group_statistics(values, paths)
+    return values, groups, {key: sum(members) / len(members) for key, members in groups.items()}
+
+
 def _check_inputs(rewards: torch.Tensor, paths: Sequence[Path], weighting: str) -> None:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"Unknown weighting {weighting!r}. Choose one of: {', '.join(WEIGHTINGS)}.")
@@ -75,9 +82,7 @@ def compute_tree_advantages(
         A 1-D float tensor like `rewards`; NaN where the reward is NaN.
     """
     _check_inputs(rewards, paths, weighting)
-    values = rewards.detach().double().cpu().tolist()
-    groups = _group_statistics(values, paths)
-    means = {key: sum(members) / len(members) for key, members in groups.items()}
+    values, groups, means = _group_means(rewards, paths)
     advantages = []
     for reward, path in zip(values, paths):
         if reward != reward:
@@ -108,9 +113,7 @@ def released_leaf_values(rewards: torch.Tensor, paths: Sequence[Path]) -> torch.
     group and give NaN.
     """
     _check_inputs(rewards, paths, "group_size")
-    values = rewards.detach().double().cpu().tolist()
-    groups = _group_statistics(values, [(*path, None) for path in paths])  # `None` closes each path: its own group
-    means = {key: sum(members) / len(members) for key, members in groups.items()}
+    values, groups, means = _group_means(rewards, [(*path, None) for path in paths])  # `None`: the leaf's own group
     leaf_values = []
     for reward, path in zip(values, paths):
         if reward != reward:

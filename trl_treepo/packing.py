@@ -96,8 +96,7 @@ class TreeAttention:
         width = buffer.size(1)
         outputs = []
         for run in self.runs:
-            keys = run.keys.to(query.device)
-            run_key, run_value = key.index_select(2, keys), value.index_select(2, keys)
+            run_key, run_value = key.index_select(2, run.keys), value.index_select(2, run.keys)
             for first in range(run.start, run.end, self.chunk):
                 last = min(first + self.chunk, run.end)
                 queries, seen = last - first, run.context + last - run.start
@@ -120,8 +119,8 @@ class TreeAttention:
         """The `[1, 1, L, L]` boolean mask this attention is equivalent to (for tests and the dense baseline)."""
         allowed = torch.zeros(1, 1, self.length, self.length, dtype=torch.bool)
         for run in self.runs:
-            context = run.keys[: run.context]
-            for offset, position in enumerate(range(run.start, run.end)):
+            context = run.keys[: run.context].cpu()
+            for position in range(run.start, run.end):
                 allowed[0, 0, position, context] = True
                 allowed[0, 0, position, run.start : position + 1] = True
         return allowed
@@ -301,7 +300,7 @@ def pack_rows(
             labels += trie.labels
             for start, end, context in trie.runs:
                 keys = torch.tensor(context + list(range(start, end)), dtype=torch.long) + offset
-                runs.append(Run(start + offset, end + offset, keys))
+                runs.append(Run(start + offset, end + offset, keys.to(device)))
             for row, positions in trie.predictors.items():
                 predictor[row, : len(positions)] = torch.tensor(positions, dtype=torch.long) + base + offset
                 completion_mask[row, : len(positions)] = True

@@ -233,6 +233,24 @@ SYSTEM_PROMPT = (
 )
 
 
+def worked_steps(expression: str) -> str | None:
+    """Left-to-right partial results of a `basic_arithmetic` sum without parentheses: "4 - 1 - 7" gives
+    "4 - 1 = 3, 3 - 7 = -4." (None for other expressions)."""
+    parts = expression.split()
+    if len(parts) < 3 or len(parts) % 2 == 0 or any(op not in "+-" for op in parts[1::2]):
+        return None
+    try:
+        value = int(parts[0])
+        steps = []
+        for op, term in zip(parts[1::2], parts[2::2]):
+            result = value + int(term) if op == "+" else value - int(term)
+            steps.append(f"{value} {op} {term} = {result}")
+            value = result
+    except ValueError:
+        return None
+    return ", ".join(steps) + "."
+
+
 def make_math_dataset(
     task: str = "basic_arithmetic",
     size: int = 64,
@@ -245,7 +263,8 @@ def make_math_dataset(
 
     Conversational rows carry a system message asking for a `\\boxed{}` answer; `solution` is what TRL's
     `accuracy_reward` checks against. With `with_solution`, a `completion` column holds a worked answer ending in
-    `\\boxed{answer}`, for the SFT warm-up. `task_config` goes to `reasoning_gym.create_dataset` (for example
+    `\\boxed{answer}`, for the SFT warm-up: the task's own worked solution, or for `basic_arithmetic` the partial
+    results left to right. `task_config` goes to `reasoning_gym.create_dataset` (for example
     `max_terms=2, max_digits=1` for `basic_arithmetic`).
     """
     import reasoning_gym
@@ -261,7 +280,8 @@ def make_math_dataset(
             prompt = f"{SYSTEM_PROMPT}\n\nProblem: {question}\nSolution:"
         row = {"prompt": prompt, "solution": answer}
         if with_solution:
-            reasoning = item["metadata"].get("answer_cot") or f"{item['metadata'].get('expression', question)} = {answer}"
+            expression = item["metadata"].get("expression", question)
+            reasoning = item["metadata"].get("answer_cot") or worked_steps(expression) or f"{expression} = {answer}"
             reasoning = reasoning.split("\n####")[0].strip()
             text = f"{reasoning}\nThe final answer is \\boxed{{{answer}}}."
             row["completion"] = [{"role": "assistant", "content": text}] if conversational else " " + text
@@ -390,7 +410,7 @@ def make_warm_model(
 
     output_dir = Path(output_dir)
     spec = {"task": task, "base_model": base_model, "examples": examples, "steps": steps, "batch_size": batch_size,
-            "learning_rate": learning_rate, "seed": seed, "warm": True}
+            "learning_rate": learning_rate, "seed": seed, "warm": "worked-steps"}  # `warm` names the answer format
     if task_config:
         spec["task_config"] = task_config
     sentinel = output_dir / _SENTINEL

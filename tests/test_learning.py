@@ -1,0 +1,69 @@
+"""`python -m trl_treepo.learning`, the TreePO-vs-GRPO study: a 2-step smoke run, and its summary arithmetic."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trl_treepo.learning import TASK_CONFIG, _tokens_to_reach, summarize
+from trl_treepo.testing import make_math_dataset, worked_steps
+
+
+def test_the_study_command_runs_every_arm_and_writes_its_report(tmp_path):
+    command = [sys.executable, "-m", "trl_treepo.learning", "--output_dir", str(tmp_path / "study"), "--seeds", "0",
+               "--arms", "treepo,grpo", "--max_steps", "2", "--eval_every", "1", "--warmup_steps", "10",
+               "--backend", "transformers", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    study = tmp_path / "study"
+    report = json.loads((study / "study.json").read_text())
+    assert {run["arm"] for run in report["runs"]} == {"treepo", "grpo"}
+    for run in report["runs"]:
+        assert [point["step"] for point in run["curve"]] == [0, 1, 2]
+        assert all(0 <= point["sampled"] <= 1 and point["sampled_se"] >= 0 for point in run["curve"])
+        assert run["curve"][-1]["decoded_tokens"] == pytest.approx(sum(run["decoded_tokens"]))
+    treepo = next(run for run in report["runs"] if run["arm"] == "treepo")
+    assert sum(treepo["decoded_tokens"]) < sum(treepo["leaf_tokens"])  # the tree decodes shared prefixes once
+    assert (study / "accuracy-vs-decoded-tokens.png").stat().st_size > 0
+    assert (study / "accuracy-vs-wall-time.png").stat().st_size > 0
+    assert "TRL GRPO" in (study / "summary.md").read_text()
+
+
+def curve(*points):
+    return [{"decoded_tokens": tokens, "sampled": sampled, "greedy": sampled, "wall_s": 1.0, "sampled_se": 0.0}
+            for tokens, sampled in points]  # fmt: skip
+
+
+def test_tokens_to_reach_an_accuracy_interpolates_between_measurements():
+    points = curve((0, 0.5), (1000, 0.6), (2000, 0.7))
+    assert _tokens_to_reach(points, "sampled", 0.65) == pytest.approx(1500)
+    assert _tokens_to_reach(points, "sampled", 0.5) == 0.0
+    assert _tokens_to_reach(points, "sampled", 0.8) is None
+
+
+def test_the_summary_gives_gains_over_seeds_with_their_standard_errors():
+    runs = [
+        {"arm": "grpo", "curve": curve((0, 0.5), (1000, 0.6)), "rewards": [0.4, 0.6], "decoded_tokens": [500, 500],
+         "leaf_tokens": [500, 500]},
+        {"arm": "grpo", "curve": curve((0, 0.5), (1000, 0.7)), "rewards": [0.4, 0.8], "decoded_tokens": [500, 500],
+         "leaf_tokens": [500, 500]},
+        {"arm": "treepo", "curve": curve((0, 0.5), (400, 0.7)), "rewards": [0.5, 0.5], "decoded_tokens": [200, 200],
+         "leaf_tokens": [600, 600]},
+    ]  # fmt: skip
+    summary = summarize(runs)
+    assert summary["grpo"]["sampled_gain"] == pytest.approx(0.15)
+    assert summary["grpo"]["sampled_gain_se"] == pytest.approx(0.05)  # stdev 0.0707 / sqrt(2)
+    assert summary["grpo"]["reward_gain"] == pytest.approx(0.3)
+    # GRPO ends at 0.65 on average; TreePO reaches it after 0.75 of its 400 tokens
+    assert summary["treepo"]["tokens_to_grpo_final_sampled"] == pytest.approx(300)
+    assert summary["treepo"]["decoded_tokens"] == 400 and summary["treepo"]["leaf_tokens"] == 1200
+
+
+def test_warm_up_answers_work_sums_left_to_right():
+    assert worked_steps("4 - 1 - 7") == "4 - 1 = 3, 3 - 7 = -4."
+    assert worked_steps("6 + 7") == "6 + 7 = 13."
+    assert worked_steps("(1 + 2) * 3") is None and worked_steps("7") is None
+    row = make_math_dataset("basic_arithmetic", size=1, seed=3, with_solution=True, **TASK_CONFIG)[0]
+    answer = row["completion"][0]["content"]
+    assert answer.endswith(f"The final answer is \\boxed{{{row['solution']}}}.") and " = " in answer
