@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,14 @@ def test_warm_up_answers_work_sums_left_to_right():
     row = make_math_dataset("basic_arithmetic", size=1, seed=3, with_solution=True, **TASK_CONFIG)[0]
     answer = row["completion"][0]["content"]
     assert answer.endswith(f"The final answer is \\boxed{{{row['solution']}}}.") and " = " in answer
+
+
+def test_a_warm_model_built_with_a_task_config_is_reused(tmp_path):
+    from trl_treepo.testing import make_tiny_model, make_warm_model
+
+    base = make_tiny_model(tmp_path / "base", vocab_size=512, hidden_size=32, num_layers=1)
+    build = dict(task="basic_arithmetic", base_model=base, examples=8, steps=1, batch_size=4, task_config=TASK_CONFIG)  # operators: a tuple
+    warm = Path(make_warm_model(tmp_path / "warm", **build))
+    built = (warm / "model.safetensors").stat().st_mtime_ns
+    assert make_warm_model(tmp_path / "warm", **build) == str(warm)
+    assert (warm / "model.safetensors").stat().st_mtime_ns == built, "the warm-up ran again instead of reusing"

@@ -8,7 +8,7 @@ RL: 32 prompts × 8 completions per step, learning rate 2e-4, TRL's math-verify 
 Held-out accuracy is measured on 200 problems the model never trains on, both ways: greedy, and sampled at the
 training temperature (4 samples per problem). The study runs each arm from the same warm model, seeds and prompts:
 
-    python -m trl_treepo.learning --output_dir outputs/learning --seeds 0,1,2
+    python -m trl_treepo.learning --output_dir outputs/learning --seeds 0,1,2 [--ablation_seeds 0]
 
 and writes `study.json`, `accuracy-vs-decoded-tokens.png`, `accuracy-vs-wall-time.png` and `summary.md`. Each arm runs
 in its own process (one vLLM engine each). Long runs belong here, never to `make test`.
@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--output_dir", default="outputs/learning")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ablation_seeds", help="seeds of the ablation arms (every arm but treepo and grpo), when "
+                        "fewer than --seeds fit the time: a run takes about 10 minutes on 2 cores (default: --seeds)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, among: {', '.join(ARMS)}")
     parser.add_argument("--max_steps", type=int, default=RL["max_steps"])
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every this many steps")
@@ -332,13 +334,14 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"Unknown arms {sorted(unknown)}; choose among {', '.join(ARMS)}.")
     seeds = [int(s) for s in args.seeds.split(",")]
-    for seed in seeds:
+    ablation_seeds = [int(s) for s in (args.ablation_seeds or args.seeds).split(",")]
+    for seed in sorted(set(seeds + ablation_seeds)):
         warm_model(args.cache_dir, seed, args.warmup_steps)  # once per seed, before the arms share it
     runs = []
     # Arm by arm, so that an interrupted study already holds every seed of the first arms; a run whose result is in
     # `output_dir` is not run again, so rerunning the command resumes the study.
     for arm in arms:
-        for seed in seeds:
+        for seed in seeds if arm in ("treepo", "grpo") else ablation_seeds:
             result = output / f"{arm}-{seed}.json"
             started = time.perf_counter()
             if not result.exists():
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     summary = summarize(runs)
     report = {"setting": {"task": TASK, "task_config": TASK_CONFIG, "warmup": {**WARMUP, "steps": args.warmup_steps},
-                          "held_out": HELD_OUT, "rl": RL,
+                          "held_out": HELD_OUT, "rl": RL, "seeds": seeds, "ablation_seeds": ablation_seeds,
                           "max_steps": args.max_steps, "backend": args.backend}, "summary": summary, "runs": runs}  # fmt: skip
     (output / "study.json").write_text(json.dumps(report, indent=1))
     plot_curves(runs, "decoded_tokens", "cumulative decoded tokens (thousands)", output / "accuracy-vs-decoded-tokens.png")

@@ -413,6 +413,7 @@ def make_warm_model(
             "learning_rate": learning_rate, "seed": seed, "warm": "worked-steps"}  # `warm` names the answer format
     if task_config:
         spec["task_config"] = task_config
+    spec = json.loads(json.dumps(spec))  # as the sentinel reads back: a tuple in `task_config` becomes a list
     sentinel = output_dir / _SENTINEL
     if sentinel.exists() and json.loads(sentinel.read_text()) == spec:
         return str(output_dir)
