@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_treepo.learning import TASK_CONFIG, _tokens_to_reach, summarize
+from trl_treepo.learning import TASK_CONFIG, _tokens_to_reach, summarize, summary_table
 from trl_treepo.testing import make_math_dataset, worked_steps
 
 
@@ -43,22 +43,28 @@ def test_tokens_to_reach_an_accuracy_interpolates_between_measurements():
     assert _tokens_to_reach(points, "sampled", 0.8) is None
 
 
-def test_the_summary_gives_gains_over_seeds_with_their_standard_errors():
+def test_the_summary_gives_gains_over_seeds_and_compares_each_seed_with_its_grpo_run():
     runs = [
-        {"arm": "grpo", "curve": curve((0, 0.5), (1000, 0.6)), "rewards": [0.4, 0.6], "decoded_tokens": [500, 500],
-         "leaf_tokens": [500, 500]},
-        {"arm": "grpo", "curve": curve((0, 0.5), (1000, 0.7)), "rewards": [0.4, 0.8], "decoded_tokens": [500, 500],
-         "leaf_tokens": [500, 500]},
-        {"arm": "treepo", "curve": curve((0, 0.5), (400, 0.7)), "rewards": [0.5, 0.5], "decoded_tokens": [200, 200],
-         "leaf_tokens": [600, 600]},
+        {"arm": "grpo", "seed": 0, "curve": curve((0, 0.5), (1000, 0.6)), "rewards": [0.4, 0.6],
+         "decoded_tokens": [500, 500], "leaf_tokens": [500, 500]},
+        {"arm": "grpo", "seed": 1, "curve": curve((0, 0.5), (1000, 0.7)), "rewards": [0.4, 0.8],
+         "decoded_tokens": [500, 500], "leaf_tokens": [500, 500]},
+        {"arm": "treepo", "seed": 0, "curve": curve((0, 0.5), (400, 0.7)), "rewards": [0.5, 0.5],
+         "decoded_tokens": [200, 200], "leaf_tokens": [600, 600]},
+        {"arm": "treepo", "seed": 1, "curve": curve((0, 0.5), (800, 0.6)), "rewards": [0.5, 0.7],
+         "decoded_tokens": [400, 400], "leaf_tokens": [600, 600]},
     ]  # fmt: skip
     summary = summarize(runs)
     assert summary["grpo"]["sampled_gain"] == pytest.approx(0.15)
     assert summary["grpo"]["sampled_gain_se"] == pytest.approx(0.05)  # stdev 0.0707 / sqrt(2)
     assert summary["grpo"]["reward_gain"] == pytest.approx(0.3)
-    # GRPO ends at 0.65 on average; TreePO reaches it after 0.75 of its 400 tokens
-    assert summary["treepo"]["tokens_to_grpo_final_sampled"] == pytest.approx(300)
-    assert summary["treepo"]["decoded_tokens"] == 400 and summary["treepo"]["leaf_tokens"] == 1200
+    # GRPO at 400 tokens: 0.54 on seed 0; at 800 tokens: 0.66 on seed 1
+    assert summary["treepo"]["sampled_vs_grpo_at_equal_tokens"] == pytest.approx(((0.7 - 0.54) + (0.6 - 0.66)) / 2)
+    # seed 0 reaches GRPO's final 0.6 after 0.5 of its 400 tokens, 0.2 of GRPO's 1000; seed 1 never reaches 0.7
+    assert summary["treepo"]["share_of_grpo_tokens_to_its_final"] == pytest.approx(0.2)
+    assert (summary["treepo"]["seeds_reaching_grpo_final"], summary["treepo"]["paired_seeds"]) == (1, 2)
+    assert summary["treepo"]["decoded_tokens"] == 600 and summary["treepo"]["leaf_tokens"] == 1200
+    assert "one seed" not in summary_table(summary) and "1/2 seeds reach it" in summary_table(summary)
 
 
 def test_warm_up_answers_work_sums_left_to_right():

@@ -8,7 +8,7 @@ RL: 32 prompts × 8 completions per step, learning rate 2e-4, TRL's math-verify 
 Held-out accuracy is measured on 200 problems the model never trains on, both ways: greedy, and sampled at the
 training temperature (4 samples per problem). The study runs each arm from the same warm model, seeds and prompts:
 
-    python -m trl_treepo.learning --output_dir outputs/learning --seeds 0,1,2 [--ablation_seeds 0]
+    python -m trl_treepo.learning --output_dir outputs/learning --seeds 0,1,2 [--arm_seeds random_initial_divergence=0]
 
 and writes `study.json`, `accuracy-vs-decoded-tokens.png`, `accuracy-vs-wall-time.png` and `summary.md`. Each arm runs
 in its own process (one vLLM engine each). Long runs belong here, never to `make test`.
@@ -227,15 +227,23 @@ def _tokens_to_reach(curve: list[dict], key: str, target: float) -> float | None
     return 0.0 if curve and curve[0][key] >= target else None
 
 
+def _accuracy_at(curve: list[dict], key: str, tokens: float) -> float | None:
+    """Held-out accuracy after `tokens` decoded tokens, interpolated between measurements (None past the curve)."""
+    for before, after in zip(curve, curve[1:]):
+        if before["decoded_tokens"] <= tokens <= after["decoded_tokens"]:
+            share = (tokens - before["decoded_tokens"]) / max(after["decoded_tokens"] - before["decoded_tokens"], 1e-9)
+            return before[key] + share * (after[key] - before[key])
+    return None
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Per arm over seeds: held-out gains with standard errors, reward gains, tokens decoded, and the tokens each arm
-    needs to reach the accuracy that GRPO ends with."""
+    """Per arm over seeds: held-out gains with standard errors, the reward gain, tokens decoded, and two comparisons
+    with TRL GRPO on the same seed (same warm model and prompts): the sampled accuracy minus GRPO's after as many
+    decoded tokens, and the decoded tokens needed to reach GRPO's final sampled accuracy, as a share of GRPO's."""
     by_arm: dict[str, list[dict]] = {}
     for run in runs:
         by_arm.setdefault(run["arm"], []).append(run)
-    grpo_final = None
-    if "grpo" in by_arm:
-        grpo_final = statistics.mean(run["curve"][-1]["sampled"] for run in by_arm["grpo"])
+    grpo = {run["seed"]: run for run in by_arm.get("grpo", [])}
     summary = {}
     for arm, arm_runs in by_arm.items():
         row = {"seeds": len(arm_runs)}
@@ -248,10 +256,19 @@ def summarize(runs: list[dict]) -> dict:
         row["decoded_tokens"] = statistics.mean(sum(run["decoded_tokens"]) for run in arm_runs)
         row["leaf_tokens"] = statistics.mean(sum(run["leaf_tokens"]) for run in arm_runs)
         row["wall_s"] = statistics.mean(run["curve"][-1]["wall_s"] for run in arm_runs)
-        if grpo_final is not None:
-            reached = [_tokens_to_reach(run["curve"], "sampled", grpo_final) for run in arm_runs]
-            row["tokens_to_grpo_final_sampled"] = statistics.mean(reached) if None not in reached else None
-            row["runs_reaching_grpo_final_sampled"] = sum(r is not None for r in reached)
+        paired = [(run, grpo[run["seed"]]) for run in arm_runs if run["seed"] in grpo]
+        if arm != "grpo" and paired:
+            at_equal = [(run["curve"][-1]["sampled"], _accuracy_at(base["curve"], "sampled", run["curve"][-1]["decoded_tokens"]))
+                        for run, base in paired]  # fmt: skip
+            row["sampled_vs_grpo_at_equal_tokens"], row["sampled_vs_grpo_at_equal_tokens_se"] = _mean_and_se(
+                [mine - theirs for mine, theirs in at_equal if theirs is not None]
+            ) if any(theirs is not None for _, theirs in at_equal) else (None, None)
+            shares = [_tokens_to_reach(run["curve"], "sampled", base["curve"][-1]["sampled"]) for run, base in paired]
+            shares = [None if reached is None else reached / base["curve"][-1]["decoded_tokens"]
+                      for reached, (_, base) in zip(shares, paired)]  # fmt: skip
+            reached = [share for share in shares if share is not None]
+            row["share_of_grpo_tokens_to_its_final"] = statistics.mean(reached) if reached else None
+            row["seeds_reaching_grpo_final"], row["paired_seeds"] = len(reached), len(paired)
         summary[arm] = row
     return summary
 
@@ -281,23 +298,31 @@ def plot_curves(runs: list[dict], x_key: str, x_label: str, path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def _gain(value: float, se: float) -> str:
+    return f"{value:+.1%} ± {se:.1%}" if se == se else f"{value:+.1%}, one seed"
+
+
 def summary_table(summary: dict) -> str:
     lines = [
         "| arm | seeds | sampled accuracy, before → after (gain ± SE) | greedy accuracy, before → after (gain ± SE) "
-        "| training reward gain ± SE | decoded tokens | leaf tokens | tokens to GRPO's final sampled accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| training reward gain ± SE | decoded tokens | leaf tokens | sampled accuracy − GRPO's at equal decoded tokens "
+        "| decoded tokens to reach GRPO's final sampled accuracy, ÷ GRPO's |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, row in summary.items():
-        reach = row.get("tokens_to_grpo_final_sampled")
-        reached = f"{reach:,.0f} ({row['runs_reaching_grpo_final_sampled']}/{row['seeds']} seeds)" if reach is not None else (
-            f"not reached by every seed ({row.get('runs_reaching_grpo_final_sampled', 0)}/{row['seeds']})"
-        )
+        versus = reach = "—"
+        if row.get("sampled_vs_grpo_at_equal_tokens") is not None:
+            versus = _gain(row["sampled_vs_grpo_at_equal_tokens"], row["sampled_vs_grpo_at_equal_tokens_se"])
+        if "paired_seeds" in row:
+            reached = f"{row['seeds_reaching_grpo_final']}/{row['paired_seeds']} seeds reach it"
+            share = row["share_of_grpo_tokens_to_its_final"]
+            reach = f"{share:.2f} ({reached})" if share is not None else reached
         lines.append(
             f"| {ARM_LABELS[arm]} | {row['seeds']} | {row['sampled_before']:.1%} → {row['sampled_after']:.1%} "
-            f"({row['sampled_gain']:+.1%} ± {row['sampled_gain_se']:.1%}) | {row['greedy_before']:.1%} → "
-            f"{row['greedy_after']:.1%} ({row['greedy_gain']:+.1%} ± {row['greedy_gain_se']:.1%}) | "
+            f"({_gain(row['sampled_gain'], row['sampled_gain_se'])}) | {row['greedy_before']:.1%} → "
+            f"{row['greedy_after']:.1%} ({_gain(row['greedy_gain'], row['greedy_gain_se'])}) | "
             f"{row['reward_gain']:+.3f} ± {row['reward_gain_se']:.3f} | {row['decoded_tokens']:,.0f} | "
-            f"{row['leaf_tokens']:,.0f} | {reached} |"
+            f"{row['leaf_tokens']:,.0f} | {versus} | {reach} |"
         )
     return "\n".join(lines)
 
@@ -307,8 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--output_dir", default="outputs/learning")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--ablation_seeds", help="seeds of the ablation arms (every arm but treepo and grpo), when "
-                        "fewer than --seeds fit the time: a run takes about 10 minutes on 2 cores (default: --seeds)")
+    parser.add_argument("--arm_seeds", action="append", default=[], metavar="ARM=SEEDS",
+                        help="other seeds for one arm, e.g. random_initial_divergence=0 when fewer runs fit the time "
+                        "(a run takes about 7 minutes on 2 cores); repeatable")  # fmt: skip
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, among: {', '.join(ARMS)}")
     parser.add_argument("--max_steps", type=int, default=RL["max_steps"])
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every this many steps")
@@ -333,15 +359,19 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise SystemExit(f"Unknown arms {sorted(unknown)}; choose among {', '.join(ARMS)}.")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    ablation_seeds = [int(s) for s in (args.ablation_seeds or args.seeds).split(",")]
-    for seed in sorted(set(seeds + ablation_seeds)):
+    seeds = {arm: [int(s) for s in args.seeds.split(",")] for arm in arms}
+    for choice in args.arm_seeds:
+        arm, _, arm_seeds = choice.partition("=")
+        if arm not in seeds or not arm_seeds:
+            raise SystemExit(f"--arm_seeds {choice!r}: give ARM=SEEDS for an arm among {', '.join(arms)}.")
+        seeds[arm] = [int(s) for s in arm_seeds.split(",")]
+    for seed in sorted({seed for arm_seeds in seeds.values() for seed in arm_seeds}):
         warm_model(args.cache_dir, seed, args.warmup_steps)  # once per seed, before the arms share it
     runs = []
     # Arm by arm, so that an interrupted study already holds every seed of the first arms; a run whose result is in
     # `output_dir` is not run again, so rerunning the command resumes the study.
     for arm in arms:
-        for seed in seeds if arm in ("treepo", "grpo") else ablation_seeds:
+        for seed in seeds[arm]:
             result = output / f"{arm}-{seed}.json"
             started = time.perf_counter()
             if not result.exists():
@@ -363,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     summary = summarize(runs)
     report = {"setting": {"task": TASK, "task_config": TASK_CONFIG, "warmup": {**WARMUP, "steps": args.warmup_steps},
-                          "held_out": HELD_OUT, "rl": RL, "seeds": seeds, "ablation_seeds": ablation_seeds,
+                          "held_out": HELD_OUT, "rl": RL, "seeds": seeds,
                           "max_steps": args.max_steps, "backend": args.backend}, "summary": summary, "runs": runs}  # fmt: skip
     (output / "study.json").write_text(json.dumps(report, indent=1))
     plot_curves(runs, "decoded_tokens", "cumulative decoded tokens (thousands)", output / "accuracy-vs-decoded-tokens.png")
