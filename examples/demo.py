@@ -45,6 +45,7 @@ def plot_training(log_history: list[dict], path: Path, window: int = 8) -> None:
     if "tree/leaf_tokens" in logs[0]:  # absent in the --grpo baseline
         right.plot(steps, [entry["tree/leaf_tokens"] for entry in logs], label="leaf tokens (trained on)")
         right.plot(steps, [entry["tree/decoded_tokens"] for entry in logs], label="decoded tokens (generated)")
+    right.set_ylim(bottom=0)
     right.set_xlabel("step")
     right.set_ylabel("tokens per step")
     right.set_title("Tokens: the tree decodes shared prefixes once")
