@@ -258,17 +258,19 @@ def summarize(runs: list[dict]) -> dict:
         row["wall_s"] = statistics.mean(run["curve"][-1]["wall_s"] for run in arm_runs)
         paired = [(run, grpo[run["seed"]]) for run in arm_runs if run["seed"] in grpo]
         if arm != "grpo" and paired:
-            at_equal = [(run["curve"][-1]["sampled"], _accuracy_at(base["curve"], "sampled", run["curve"][-1]["decoded_tokens"]))
-                        for run, base in paired]  # fmt: skip
-            row["sampled_vs_grpo_at_equal_tokens"], row["sampled_vs_grpo_at_equal_tokens_se"] = _mean_and_se(
-                [mine - theirs for mine, theirs in at_equal if theirs is not None]
-            ) if any(theirs is not None for _, theirs in at_equal) else (None, None)
-            shares = [_tokens_to_reach(run["curve"], "sampled", base["curve"][-1]["sampled"]) for run, base in paired]
-            shares = [None if reached is None else reached / base["curve"][-1]["decoded_tokens"]
-                      for reached, (_, base) in zip(shares, paired)]  # fmt: skip
-            reached = [share for share in shares if share is not None]
-            row["share_of_grpo_tokens_to_its_final"] = statistics.mean(reached) if reached else None
-            row["seeds_reaching_grpo_final"], row["paired_seeds"] = len(reached), len(paired)
+            differences, shares = [], []
+            for run, base in paired:
+                final = run["curve"][-1]
+                grpo_then = _accuracy_at(base["curve"], "sampled", final["decoded_tokens"])
+                if grpo_then is not None:
+                    differences.append(final["sampled"] - grpo_then)
+                reached = _tokens_to_reach(run["curve"], "sampled", base["curve"][-1]["sampled"])
+                if reached is not None:
+                    shares.append(reached / base["curve"][-1]["decoded_tokens"])
+            versus = _mean_and_se(differences) if differences else (None, None)
+            row["sampled_vs_grpo_at_equal_tokens"], row["sampled_vs_grpo_at_equal_tokens_se"] = versus
+            row["share_of_grpo_tokens_to_its_final"] = statistics.mean(shares) if shares else None
+            row["seeds_reaching_grpo_final"], row["paired_seeds"] = len(shares), len(paired)
         summary[arm] = row
     return summary
 
