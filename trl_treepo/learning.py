@@ -300,8 +300,9 @@ def plot_curves(runs: list[dict], x_key: str, x_label: str, path, arms=tuple(ARM
     figure.savefig(path, dpi=120)
 
 
-def _gain(value: float, se: float) -> str:
-    return f"{value:+.1%} ± {se:.1%}" if se == se else f"{value:+.1%}, one seed"
+def _gain(value: float, se: float, form: str = ".1%") -> str:
+    """A mean gain with its standard error over seeds, or a single seed's gain said as such."""
+    return f"{value:+{form}} ± {se:{form}}" if se == se else f"{value:+{form}}, one seed"
 
 
 def summary_table(summary: dict) -> str:
@@ -323,7 +324,7 @@ def summary_table(summary: dict) -> str:
             f"| {ARM_LABELS[arm]} | {row['seeds']} | {row['sampled_before']:.1%} → {row['sampled_after']:.1%} "
             f"({_gain(row['sampled_gain'], row['sampled_gain_se'])}) | {row['greedy_before']:.1%} → "
             f"{row['greedy_after']:.1%} ({_gain(row['greedy_gain'], row['greedy_gain_se'])}) | "
-            f"{row['reward_gain']:+.3f} ± {row['reward_gain_se']:.3f} | {row['decoded_tokens']:,.0f} | "
+            f"{_gain(row['reward_gain'], row['reward_gain_se'], '.3f')} | {row['decoded_tokens']:,.0f} | "
             f"{row['leaf_tokens']:,.0f} | {versus} | {reach} |"
         )
     return "\n".join(lines)
