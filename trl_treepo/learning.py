@@ -171,8 +171,9 @@ def make_held_out_callback(trainer, every: int):
             self.started = time.perf_counter()
             self.measure(state)
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0 or state.global_step == state.max_steps:
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # Not on_step_end: the step's log, with its decoded tokens, joins log_history only after that.
+            if "reward" in (logs or {}) and (state.global_step % every == 0 or state.global_step == state.max_steps):
                 self.measure(state)
 
     return HeldOutCurve()
