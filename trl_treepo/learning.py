@@ -138,11 +138,14 @@ def rl_dataset(seed: int, max_steps: int):
     return make_math_dataset(TASK, size=max_steps * RL["prompts_per_step"], seed=seed + 1, **TASK_CONFIG)
 
 
+def leaf_tokens(log: dict) -> float:
+    """Completion tokens of a step's rows: what the loss trains on, and what sequential sampling decodes."""
+    return log["completions/mean_length"] * RL["prompts_per_step"] * RL["num_generations"]
+
+
 def decoded_tokens(log: dict) -> float:
     """Tokens the rollout of a step decoded: the tree's count, or every completion token of sequential sampling."""
-    if "tree/decoded_tokens" in log:
-        return log["tree/decoded_tokens"]
-    return log["completions/mean_length"] * RL["prompts_per_step"] * RL["num_generations"]
+    return log["tree/decoded_tokens"] if "tree/decoded_tokens" in log else leaf_tokens(log)
 
 
 def make_held_out_callback(trainer, every: int):
@@ -202,7 +205,7 @@ def run_arm(arm: str, seed: int, output_dir, max_steps: int, cache_dir, every: i
         "curve": curve.points,
         "rewards": [log["reward"] for log in logs],
         "decoded_tokens": [decoded_tokens(log) for log in logs],
-        "leaf_tokens": [log["completions/mean_length"] * RL["prompts_per_step"] * RL["num_generations"] for log in logs],
+        "leaf_tokens": [leaf_tokens(log) for log in logs],
     }
 
 
