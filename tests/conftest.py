@@ -18,6 +18,15 @@ def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory, tiny_model):
+    """The tiny Qwen2, SFT-warmed to solve `make_tool_dataset` problems by calling `calculate` (about 2.5 minutes)."""
+    from trl_treepo.testing import make_warm_model
+
+    return make_warm_model(tmp_path_factory.mktemp("tool-model") / "warm", base_model=tiny_model, warm="tool-calls",
+                           steps=150, examples=1200)  # fmt: skip
+
+
 @pytest.fixture
 def scripted_rollouts(tiny_model, monkeypatch):
     """Replace the model's sampling by a script, inside the real trainer: `install(respond)`, where
@@ -36,9 +45,9 @@ def scripted_rollouts(tiny_model, monkeypatch):
         return tokenizer.encode(text, add_special_tokens=False)
 
     def install(respond):
-        def scripted_grow_trees(engine, roots, params, decode):
+        def scripted_grow_trees(engine, roots, params, decode, tools=None):
             script = ScriptedEngine(lambda request, branch, rng: respond(encode, eos, request, branch), eos)
-            return grow_trees(script, roots, params, decode)
+            return grow_trees(script, roots, params, decode, tools)
 
         monkeypatch.setattr(trainer_module, "grow_trees", scripted_grow_trees)
 

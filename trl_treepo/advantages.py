@@ -133,6 +133,7 @@ def compute_segment_advantages(
     segment_length: int,
     *,
     discount: float = 1.0,
+    segment_ends: Sequence[Sequence[int] | None] | None = None,
 ) -> torch.Tensor:
     """Per-token advantages [B, max(lengths)], one value per segment: the released code's segment estimator.
 
@@ -145,6 +146,9 @@ def compute_segment_advantages(
        term is discounted more the further the segment lies from the leaf (η on the last segment, η^J on the first);
        η = `discount`, 1 for no discount (the released default);
     4. each value is broadcast over its segment's tokens; tokens past a leaf's length are 0.
+
+    Segment i of a row spans ``[(i-1)·l, i·l)``, or, where `segment_ends` gives the row's end offsets (segments cut
+    short by a tool call), ``[ends[i-2], ends[i-1])``.
 
     NaN leaves are left out of node means and get NaN advantages. Whiten the result with `whiten` and a token mask.
     """
@@ -173,13 +177,16 @@ def compute_segment_advantages(
     advantages = torch.zeros(len(paths), width, dtype=torch.float64)
     for row, (path, length) in enumerate(zip(paths, lengths)):
         num_segments = len(path) - 1
+        ends = segment_ends[row] if segment_ends is not None else None
+        if ends is None:
+            ends = [segment * segment_length for segment in range(1, num_segments + 1)]
         for segment in range(1, num_segments + 1):
-            start = (segment - 1) * segment_length
+            start = ends[segment - 2] if segment > 1 else 0
             if start >= length:
                 break
             parent_weight = discount ** (num_segments + 1 - segment)
             advantage = value_of(tuple(path[: segment + 1])) - parent_weight * value_of(tuple(path[:segment]))
-            advantages[row, start : min(start + segment_length, length)] = advantage
+            advantages[row, start : min(ends[segment - 1], length)] = advantage
     return advantages.to(dtype=rewards.dtype, device=rewards.device)
 
 

@@ -45,8 +45,8 @@ def leaf_logprob_gap(model, prompts: Sequence[Sequence[int]], rollout: TreeRollo
             recomputed = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt) :, None]).squeeze(1)
             gap = (recomputed.cpu() - torch.tensor(leaf.logprobs, dtype=torch.float32)).abs()
             gaps.append(gap)
-            for depth in range(leaf.depth):
-                segment = gap[depth * segment_length : (depth + 1) * segment_length]
+            for depth, (start, end) in enumerate(leaf.segment_bounds(segment_length)):
+                segment = gap[start:end]
                 if segment.numel():
                     depth_max[depth + 1] = max(depth_max.get(depth + 1, 0.0), segment.max().item())
     every = torch.cat(gaps)

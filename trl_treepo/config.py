@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .advantages import WEIGHTINGS
+from .tools import ENVIRONMENT_BRANCHING
 from .sampling import (
     ANSWER_STOP_RULES,
     DIVERGENCE_POLICIES,
@@ -105,6 +106,19 @@ class TreePOConfig(GRPOConfig):
             vLLM server mode with several processes: seconds the other processes wait for the main process to finish
             a whole tree rollout. The wait runs on a dedicated Gloo group, so a long rollout does not trip the NCCL
             watchdog. `None` uses `ddp_timeout`.
+
+        > Parameters that control tool calls in trees (multi-turn rollouts; not in the paper, docs/algorithm.md §8)
+
+        tree_tool_timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds one tool call may run before it counts as failed, its result being an error message, as TRL
+            reports a tool that raises. TRL has no limit; `None` removes it. A timed-out call keeps running in a
+            daemon thread, which Python cannot stop.
+        tree_environment_branching (`str`, *optional*, defaults to `"copy"`):
+            How a path that branches gets its own `environment_factory` instance, since an environment is stateful
+            per path: `"copy"` deep-copies the parent's instance before the path's next tool calls run; `"replay"`
+            builds a new instance with the factory, resets it with the example and replays the path's earlier tool
+            calls on it (for environments that cannot be copied and are deterministic). Stateless `tools` are run
+            once per tree node either way.
 
         > Parameters that control the advantages (paper §3.3)
 
@@ -260,6 +274,23 @@ class TreePOConfig(GRPOConfig):
         },
     )
 
+    # --- tool calls in trees --------------------------------------------------------------------------------------
+    tree_tool_timeout: float | None = field(
+        default=300.0,
+        metadata={
+            "help": "Seconds one tool call may run before it fails with an error result (TRL has no limit). None: "
+            "no limit."
+        },
+    )
+    tree_environment_branching: str = field(
+        default="copy",
+        metadata={
+            "help": "How a branching path gets its own environment instance: 'copy' (copy.deepcopy of the parent's) "
+            "or 'replay' (a new instance from environment_factory, reset and replayed with the path's tool calls).",
+            "choices": list(ENVIRONMENT_BRANCHING),
+        },
+    )
+
     # --- the advantages -------------------------------------------------------------------------------------------
     tree_advantage_estimator: str = field(
         default="tree",
@@ -395,6 +426,13 @@ class TreePOConfig(GRPOConfig):
             raise ValueError(f"tree_packed_max_tokens must be a positive token count or None, got {self.tree_packed_max_tokens}.")
         if self.tree_rollout_timeout is not None and self.tree_rollout_timeout <= 0:
             raise ValueError(f"tree_rollout_timeout must be positive seconds, got {self.tree_rollout_timeout}.")
+        if self.tree_tool_timeout is not None and self.tree_tool_timeout <= 0:
+            raise ValueError(f"tree_tool_timeout must be positive seconds or None (no limit), got {self.tree_tool_timeout}.")
+        if self.tree_environment_branching not in ENVIRONMENT_BRANCHING:
+            raise ValueError(
+                f"Unknown tree_environment_branching {self.tree_environment_branching!r}. Choose one of: "
+                f"{', '.join(ENVIRONMENT_BRANCHING)}."
+            )
         if self.tree_sampling:
             self._check_generation_kwargs()
         if self.tree_sampling and self.use_transformers_continuous_batching:
@@ -473,6 +511,7 @@ class TreePOConfig(GRPOConfig):
             eos_token_ids=tuple(eos_token_ids),
             stop_strings=self.tree_stop_strings,
             seed=seed,
+            max_tool_turns=self.max_tool_calling_iterations,
         )
 
 

@@ -46,6 +46,8 @@ class TreeSamplingParams:
             transformers' `stop_strings`). The path keeps the tokens up to the one that completes the string, and
             finishes like an EOS. Needs the sampler's `decode`.
         seed: seed of the sampler's own random choices (root fork sizes, fallback picks and cuts).
+        max_tool_turns: tool-calling turns one path may run (TRL's `max_tool_calling_iterations`); `None` means no
+            limit. Only read when the rollout is given a `ToolRunner`.
     """
 
     width: int
@@ -65,6 +67,7 @@ class TreeSamplingParams:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
     seed: int = 0
+    max_tool_turns: int | None = None
 
     def __post_init__(self):
         for name in ("width", "segment_length", "max_depth", "branching_factor"):
@@ -94,6 +97,8 @@ class TreeSamplingParams:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if any(not isinstance(stop, str) or not stop for stop in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}.")
+        if self.max_tool_turns is not None and self.max_tool_turns < 0:
+            raise ValueError(f"max_tool_turns must be >= 0 or None (no limit), got {self.max_tool_turns}.")
 
     @property
     def first_divergence_range(self) -> tuple[int, int]:
@@ -136,3 +141,48 @@ class SegmentEngine(Protocol):
     """
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]: ...
+
+
+# ------------------------------------------------------------------------------------------------ tool calls
+
+
+@dataclass
+class ToolTurn:
+    """What running the tool calls of one assistant turn gave a path.
+
+    Attributes:
+        token_ids: the tokens appended after the turn (tool responses and the next turn's header). They are context,
+            not policy output: the path's tool mask is 0 on them, and they never count as decoded tokens.
+        calls: tool calls executed (failures included).
+        failures: calls that raised, timed out, named no known tool or were not function calls.
+        state: the path's tool state after the calls (its environment instance); the runner never mutates a state
+            it handed out, so a node's state stays valid for every path that branches from it.
+        record: whatever the runner needs later to describe the turn (for TRL, the parsed messages).
+    """
+
+    token_ids: list[int]
+    calls: int
+    failures: int
+    state: object = None
+    record: object = None
+
+
+class ToolRunner(Protocol):
+    """What the tree sampler needs to grow trees through tool calls (multi-turn rollouts).
+
+    A path whose segment ends its turn (EOS or a stop condition) asks `find_calls` whether the turn called tools. If
+    it did, `run` executes the calls once, for the node, and the result tokens are appended to that node: every leaf
+    below shares one execution, and the children branch after the result.
+    """
+
+    def root_state(self, prompt_index: int) -> object:
+        """The tool state (environment) a prompt's tree starts from; `None` for stateless tools."""
+        ...
+
+    def find_calls(self, prompt_index: int, context_ids: Sequence[int], turn_ids: Sequence[int]) -> object | None:
+        """The tool calls of the turn `turn_ids` (which follows `context_ids`: prompt and earlier turns), or None."""
+        ...
+
+    def run(self, prompt_index: int, state: object, calls: object) -> ToolTurn:
+        """Execute `calls` on a path whose tool state is `state`, without mutating `state`."""
+        ...

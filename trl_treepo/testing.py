@@ -289,6 +289,83 @@ def make_math_dataset(
     return Dataset.from_list(rows)
 
 
+# ----------------------------------------------------------------------------------------- an offline tool task
+
+TOOL_TASK_CONFIG = {"min_terms": 2, "max_terms": 3, "max_digits": 1, "operators": ("+", "-"), "allow_parentheses": False}
+TOOL_SYSTEM_PROMPT = (
+    "Compute the expression with the calculate tool, one operation per call, then give the final answer as "
+    "\\boxed{answer}."
+)
+
+
+def calculate(expression: str) -> str:
+    """
+    Evaluates one addition or subtraction of two integers.
+
+    Args:
+        expression: The operation to evaluate, for example "3 + 4" or "7 - 9".
+
+    Returns:
+        The result, as an integer.
+    """
+    parts = expression.split()
+    if len(parts) != 3 or parts[1] not in ("+", "-"):
+        raise ValueError(f"Expected 'a + b' or 'a - b', got {expression!r}.")
+    left, right = int(parts[0]), int(parts[2])
+    return str(left + right if parts[1] == "+" else left - right)
+
+
+def make_tool_dataset(size: int = 64, seed: int = 0, **task_config):
+    """Conversational reasoning-gym `basic_arithmetic` problems (2–3 one-digit terms by default) to solve with the
+    `calculate` tool: a `prompt` column with a system message naming the tool, and a `solution` column."""
+    import reasoning_gym
+    from datasets import Dataset
+
+    items = reasoning_gym.create_dataset("basic_arithmetic", size=size, seed=seed, **{**TOOL_TASK_CONFIG, **task_config})
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": TOOL_SYSTEM_PROMPT}, {"role": "user", "content": item["question"]}],
+            "solution": str(item["answer"]),
+        }
+        for item in items
+    ]
+    return Dataset.from_list(rows)
+
+
+def tool_transcript(expression: str) -> list[dict] | None:
+    """The assistant/tool messages that solve `expression` left to right with `calculate`, one call per operation."""
+    parts = expression.split()
+    if len(parts) < 3 or len(parts) % 2 == 0:
+        return None
+    messages, value = [], parts[0]
+    for op, term in zip(parts[1::2], parts[2::2]):
+        operation = f"{value} {op} {term}"
+        call = {"type": "function", "function": {"name": "calculate", "arguments": {"expression": operation}}}
+        value = calculate(operation)
+        messages += [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "name": "calculate", "content": value},
+        ]
+    messages.append({"role": "assistant", "content": f"The final answer is \\boxed{{{value}}}."})
+    return messages
+
+
+def _tool_sft_dataset(tokenizer, size: int, seed: int, task_config: dict | None):
+    """Prompt/completion texts of `tool_transcript` conversations, rendered by the chat template with the tool."""
+    from datasets import Dataset
+
+    rows = []
+    for row in make_tool_dataset(size, seed, **(task_config or {})):
+        expression = row["prompt"][-1]["content"].removeprefix("Calculate ").removesuffix(".")
+        transcript = tool_transcript(expression)
+        if transcript is None:
+            continue
+        prompt = tokenizer.apply_chat_template(row["prompt"], tools=[calculate], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(row["prompt"] + transcript, tools=[calculate], tokenize=False)
+        rows.append({"prompt": prompt, "completion": full[len(prompt) :].rstrip("\n")})
+    return Dataset.from_list(rows)
+
+
 class ScriptedEngine:
     """A `SegmentEngine` whose outputs come from a script, for driving the tree sampler without a model.
 
@@ -397,12 +474,15 @@ def make_warm_model(
     learning_rate: float = 3e-3,
     seed: int = 0,
     task_config: dict | None = None,
+    warm: str = "worked-steps",
 ) -> str:
     """A tiny model SFT-warmed on reasoning-gym worked answers, so that it writes `\\boxed{}` answers and stops.
 
     A random-init model never samples EOS, so its trees never stop early; after this warm-up, completions end
-    with an answer and EOS at varied lengths, like a real policy's. Built offline from `make_tiny_model` (or
-    `base_model`); a directory already built with the same arguments is reused.
+    with an answer and EOS at varied lengths, like a real policy's. With `warm="tool-calls"`, it learns instead to
+    solve `make_tool_dataset` problems through `calculate` tool calls (`tool_transcript`), for multi-turn rollouts
+    (`task` is then unused). Built offline from `make_tiny_model` (or `base_model`); a directory already built with
+    the same arguments is reused.
     """
     import torch
     from transformers import AutoTokenizer
@@ -410,7 +490,7 @@ def make_warm_model(
 
     output_dir = Path(output_dir)
     spec = {"task": task, "base_model": base_model, "examples": examples, "steps": steps, "batch_size": batch_size,
-            "learning_rate": learning_rate, "seed": seed, "warm": "worked-steps"}  # `warm` names the answer format
+            "learning_rate": learning_rate, "seed": seed, "warm": warm}  # `warm` names the answer format
     if task_config:
         spec["task_config"] = task_config
     spec = json.loads(json.dumps(spec))  # as the sentinel reads back: a tuple in `task_config` becomes a list
@@ -418,8 +498,13 @@ def make_warm_model(
     if sentinel.exists() and json.loads(sentinel.read_text()) == spec:
         return str(output_dir)
     base = base_model or make_tiny_model(output_dir.parent / f"{output_dir.name}-base", seed=seed)
-    dataset = make_math_dataset(task, size=examples, seed=seed + 123, with_solution=True, **(task_config or {}))
     tokenizer = AutoTokenizer.from_pretrained(base)
+    if warm == "tool-calls":
+        dataset = _tool_sft_dataset(tokenizer, examples, seed + 123, task_config)
+    elif warm == "worked-steps":
+        dataset = make_math_dataset(task, size=examples, seed=seed + 123, with_solution=True, **(task_config or {}))
+    else:
+        raise ValueError(f"Unknown warm-up {warm!r}: choose 'worked-steps' or 'tool-calls'.")
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(
             output_dir=scratch,

@@ -3,7 +3,10 @@
 Wiring only. These GRPOTrainer methods are extended, each through `super()`:
 
 - `_generate_single_turn` grows one tree per prompt instead of `num_generations` independent samples, and returns
-  the root→leaf paths as the completions (row ``i * G + j`` is leaf j of prompt i);
+  the root→leaf paths as the completions (row ``i * G + j`` is leaf j of prompt i). With `tools` or an
+  `environment_factory`, the trees grow through tool calls (`tools.py`);
+- `_tool_call_loop` hands TRL the conversations, tool mask and tool counts of those multi-turn leaves, whose tools
+  already ran inside the tree (once per node);
 - `_calculate_rewards` keeps the gathered reward matrix;
 - `_generate_and_score_completions` replaces GRPO's advantages with the tree estimator's and applies dynamic
   sampling. Padding, rewards, old/ref logprobs, vLLM importance sampling, the loss and logging stay TRL's own;
@@ -39,12 +42,14 @@ from .backends.vllm import (
     ServerRequestError,
     colocate_rollout,
     engine_runs_on_cpu,
+    local_server_rollout,
     server_command,
     server_rollout,
     sync_weights_by_reload,
 )
 from .config import TreePOConfig, configuration_card, grpo_differences_message
 from .packing import PACKING_TOLERANCE, WRAPPED_ATTENTION, install_tree_attention, pack_rows, shuffle_whole_trees
+from .tools import PromptTools, ToolExecutor
 from .tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
 from .visualize import render_tree_html
 
@@ -103,6 +108,7 @@ class _TreeBatch:
     truncated: list[bool]  # stopped by the length limit; answer, repetition and stop-string stops are finished
     leaves: list[Leaf | None]
     stats: RolloutStats
+    row_leaves: list[Leaf]  # every row's leaf, padding rows included
 
 
 class TreePOTrainer(GRPOTrainer):
@@ -154,6 +160,14 @@ class TreePOTrainer(GRPOTrainer):
                 f"TreePOTrainer needs a TreePOConfig, got {type(args).__name__}. Build one with the same arguments: "
                 "TreePOConfig(**your_grpo_args)."
             )
+        uses_tools = bool(kwargs.get("tools")) or kwargs.get("environment_factory") is not None
+        if args.tree_sampling and uses_tools and args.use_vllm and args.vllm_mode == "colocate":
+            if args.vllm_tensor_parallel_size > 1:  # checked before TRL starts the engine
+                raise ValueError(
+                    "Tree rollouts with tools and vllm_tensor_parallel_size > 1 are not supported: the ranks of a "
+                    "tensor-parallel group grow each other's trees, but each rank holds only its own examples' tools "
+                    "and environments. Use vllm_tensor_parallel_size=1, vllm_mode='server', or tree_sampling=False."
+                )
         try:
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         except OSError as error:  # TRL raises `requests`' ConnectionError, an OSError but not the builtin one
@@ -165,11 +179,6 @@ class TreePOTrainer(GRPOTrainer):
                 f"shared prefixes):\n    {server_command(model_id)}\nor point vllm_server_base_url at a running one. "
                 "See docs/vllm.md."
             ) from error
-        if args.tree_sampling and (self.tools or self.environment_factories is not None):
-            raise ValueError(
-                "Tree rollouts do not support tools or environments: a tool call would have to split a segment. "
-                "Set tree_sampling=False to train on sequential rollouts."
-            )
         if args.tree_sampling and self.rollout_func is not None:
             raise ValueError(
                 "A rollout_func replaces TRL's generation, so no tree would be grown and GRPO's advantages would train "
@@ -179,6 +188,7 @@ class TreePOTrainer(GRPOTrainer):
         if self.accelerator.is_main_process:
             logger.warning(grpo_differences_message(args))
         self._tree_batch: _TreeBatch | None = None
+        self._tree_inputs = None
         self._rewards_per_func: torch.Tensor | None = None
         self._rollout_step, self._rollouts_at_step = None, 0  # see `_next_rollout`
         self.reward_funcs = [
@@ -246,18 +256,67 @@ class TreePOTrainer(GRPOTrainer):
         ]
         padded = [padded for _, padded in rows]
         truncated = [leaf.finish_reason is FinishReason.LENGTH for leaf, _ in rows]
-        self._tree_batch = _TreeBatch(paths, padded, truncated, [None if p else leaf for leaf, p in rows], stats)
+        row_leaves = [leaf for leaf, _ in rows]
+        self._tree_batch = _TreeBatch(
+            paths, padded, truncated, [None if p else leaf for leaf, p in rows], stats, row_leaves
+        )
+        if self.tools and self.environments is not None:
+            # TRL hands `environments` to the reward functions (and `get_reward`): each row gets its leaf's instance.
+            self.environments = [
+                leaf.tool_state.instance for leaf in row_leaves
+            ]
         completion_ids = [list(leaf.token_ids) for leaf, _ in rows]
         # TRL feeds sampling logprobs to vLLM importance sampling; the transformers path has none, as in TRL.
         logprobs = [leaf.logprobs for leaf, _ in rows] if self.use_vllm else None
         return completion_ids, logprobs
 
-    @staticmethod
-    def _unique_prompts(prompt_ids, num_generations):
+    def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
+        """Tree leaves ran their tools inside the tree, once per node: hand TRL their conversations, tool masks and
+        tool counts, in the shape `GRPOTrainer._tool_call_loop` returns. Sequential generation (evaluation,
+        tree_sampling=False) keeps TRL's loop."""
+        batch = self._tree_batch
+        if batch is None:
+            return super()._tool_call_loop(
+                prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields
+            )
+        if self.environment_factories is not None:
+            schemas = [self._env_tools[name] for name in self._batch_environments]
+        else:
+            schemas = [self.tools] * len(prompt_ids)
+        completions = [
+            self._conversation(leaf, prompt_ids[row], schemas[row]) for row, leaf in enumerate(batch.row_leaves)
+        ]
+        tool_mask = [
+            [1] * len(leaf.token_ids) if leaf.tool_mask is None else list(leaf.tool_mask) for leaf in batch.row_leaves
+        ]
+        no_images = [[] for _ in completion_ids]
+        stats = batch.stats
+        return tool_mask, completions, completion_ids, logprobs, stats.tool_calls, stats.tool_failures, no_images
+
+    def _conversation(self, leaf: Leaf, prompt_ids: list[int], schema) -> list[dict]:
+        """A leaf's messages as TRL's tool loop builds them: each tool turn's assistant and tool messages, then the
+        final assistant turn, parsed as TRL parses a completion."""
+        messages = []
+        for _, turn in leaf.tool_turns:
+            messages += [turn.record.assistant, *turn.record.tool_messages]
+        start = leaf.segment_ends[leaf.tool_turns[-1][0]] if leaf.tool_turns else 0
+        if start < len(leaf.token_ids):
+            prefix = list(prompt_ids) + leaf.token_ids[:start]
+            messages.append(grpo_trainer.parse_response(self._tokenizer, leaf.token_ids[start:], prefix=prefix, tools=schema))
+        return messages
+
+    def _unique_prompts(self, prompt_ids, num_generations):
         roots = prompt_ids[::num_generations]
         for i, root in enumerate(roots):
             for row in prompt_ids[i * num_generations : (i + 1) * num_generations]:
                 if list(row) != list(root):
+                    if self.environment_factories is not None:
+                        raise ValueError(
+                            "The num_generations rollouts of one example got different prompts: its environment's "
+                            "reset() returned different observations for them. A tree grows all of an example's "
+                            "rollouts from one shared prompt, so reset() must return the same observation for the same "
+                            "example (seed any randomness from the example), or set tree_sampling=False."
+                        )
                     raise RuntimeError(
                         "TreePOTrainer expects each process's prompts in groups of num_generations identical rows, as "
                         "TRL's RepeatSampler produces them. A custom sampler or dataloader broke that layout."
@@ -325,7 +384,7 @@ class TreePOTrainer(GRPOTrainer):
                 with profiling_context(self, "sync_weights"):
                     self._sync_vllm_weights()
                 self._last_loaded_step = self.state.global_step
-            if self.vllm_mode == "server":
+            if self.vllm_mode == "server" and not self.tools:
                 rows, stats = server_rollout(
                     self.vllm_generation,
                     prompt_ids,
@@ -338,11 +397,49 @@ class TreePOTrainer(GRPOTrainer):
                 )
                 return rows, stats, ("server", rollout_id)
         roots = self._unique_prompts(prompt_ids, num_generations)
-        if self.use_vllm:
-            rollout = colocate_rollout(self.vllm_generation, roots, params, self._tokenizer.decode)
+        tools = self._tool_executor(len(roots), num_generations) if self.tools else None
+        if self.use_vllm and self.vllm_mode == "server":
+            # Tools run where their examples' environments live, so each process grows its own trees on the server.
+            rollout = local_server_rollout(
+                self.vllm_generation,
+                roots,
+                params,
+                self._tokenizer.decode,
+                tools,
+                self._rollout_group,
+                request_timeout=self.args.tree_server_request_timeout,
+                max_retries=self.args.tree_server_max_retries,
+            )
+        elif self.use_vllm:
+            rollout = colocate_rollout(self.vllm_generation, roots, params, self._tokenizer.decode, tools)
         else:
-            rollout = self._grow_trees_with_transformers(roots, params)
+            rollout = self._grow_trees_with_transformers(roots, params, tools)
         return rollout.rows(num_generations), rollout.stats, (self.accelerator.process_index, rollout_id)
+
+    def _tool_executor(self, num_roots: int, num_generations: int) -> ToolExecutor:
+        """The tools of each tree, from what `GRPOTrainer` set up for this batch: tree i uses row i·G's."""
+        prompts = []
+        for root in range(num_roots):
+            row = root * num_generations
+            environment, factory, reset_kwargs, schema = None, None, {}, self.tools
+            if self.environment_factories is not None:
+                name = self._batch_environments[row]
+                environment, factory, schema = self.environments[row], self.environment_factories[name], self._env_tools[name]
+                example = self._tree_inputs[row]
+                reset_kwargs = {k: v for k, v in example.items() if k != "environment"} if self._multi_environment else example
+            prompts.append(PromptTools(list(self._standalone_tools), schema, environment, factory, reset_kwargs))
+
+        def parse(ids, prefix, schema):
+            return grpo_trainer.parse_response(self._tokenizer, ids, prefix=prefix, tools=schema)
+
+        return ToolExecutor(
+            prompts,
+            parse,
+            self._get_tool_suffix_ids,
+            timeout=self.args.tree_tool_timeout,
+            environment_branching=self.args.tree_environment_branching,
+            async_loop=getattr(self, "async_loop", None),
+        )
 
     def _sync_vllm_weights(self) -> None:
         try:
@@ -356,7 +453,7 @@ class TreePOTrainer(GRPOTrainer):
                 "and resume from the last checkpoint (trainer.train(resume_from_checkpoint=True))."
             ) from error
 
-    def _grow_trees_with_transformers(self, roots: list[list[int]], params) -> TreeRollout:
+    def _grow_trees_with_transformers(self, roots: list[list[int]], params, tools=None) -> TreeRollout:
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -375,7 +472,7 @@ class TreePOTrainer(GRPOTrainer):
                 reuse_kv_cache=self.args.tree_reuse_kv_cache,
                 return_logprobs=params.needs_logprobs,
             )
-            return grow_trees(engine, roots, params, self._tokenizer.decode)
+            return grow_trees(engine, roots, params, self._tokenizer.decode, tools)
 
     # ------------------------------------------------------------------------------------------------ advantages
 
@@ -393,6 +490,7 @@ class TreePOTrainer(GRPOTrainer):
         if not (self.args.tree_sampling and self.model.training):
             return super()._generate_and_score_completions(inputs)  # GRPOTrainer's step, unchanged
         self._tree_batch = None
+        self._tree_inputs = inputs  # the examples, for `reset` when an environment is rebuilt ("replay")
         # A leaf that the tree stopped on purpose (answer, repetition, stop string) ends without EOS, and TRL would
         # take it for truncated. TRL's masking is off for this call; `_replace_advantages` masks the leaves the
         # length limit cut, from their finish reasons.
@@ -416,7 +514,8 @@ class TreePOTrainer(GRPOTrainer):
 
     def _log_truncation(self, output: dict, truncated: torch.Tensor) -> None:
         """TRL's truncation metrics, which `_generate` derived from "the last token is not EOS", from finish reasons."""
-        lengths = self.accelerator.gather(output["completion_mask"].sum(dim=1)).float()
+        policy_mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
+        lengths = self.accelerator.gather(policy_mask.sum(dim=1)).float()  # TRL counts tool results out
         terminated = lengths[~truncated] if not truncated.all() else torch.zeros(1, device=lengths.device)
         metrics = self._metrics["train"]
         metrics["completions/clipped_ratio"][-1] = truncated.float().mean().item()
@@ -508,9 +607,12 @@ class TreePOTrainer(GRPOTrainer):
 
         # "tree_segment": one value per segment, handed to the loss as [B, T]
         lengths = self.accelerator.gather(output["completion_mask"].sum(dim=1)).cpu()
+        segment_ends = [ends for process_ends in gather_object([[leaf.segment_ends for leaf in batch.row_leaves]])
+                        for ends in process_ends]  # fmt: skip
         advantages = compute_segment_advantages(
-            rewards, paths, lengths.tolist(), args.tree_segment_length, discount=args.tree_segment_advantage_discount
-        )
+            rewards, paths, lengths.tolist(), args.tree_segment_length,
+            discount=args.tree_segment_advantage_discount, segment_ends=segment_ends,
+        )  # fmt: skip
         token_weights = (torch.arange(advantages.size(1))[None, :] < lengths[:, None]).double() * keep.cpu()[:, None]
         if args.tree_advantage_normalization == "batch_whiten":
             advantages = whiten(advantages, token_weights)
@@ -691,6 +793,9 @@ class TreePOTrainer(GRPOTrainer):
                 sum(leaf.depth for leaf in leaves),
                 max((leaf.depth for leaf in leaves), default=0),
                 *reasons,
+                stats.tool_calls,
+                stats.sequential_tool_calls,
+                stats.tool_failures,
             ],
             dtype=torch.float64,
             device=device,
@@ -717,3 +822,11 @@ class TreePOTrainer(GRPOTrainer):
         )
         for reason, count in zip(FinishReason, totals[8:]):
             metrics[f"tree/finish_reason/{reason.value}"].append(count / max(num_leaves, 1))
+        if self.tools:
+            # The saving: tool calls run once per tree node, against once per leaf in sequential rollouts of the same
+            # trajectories.
+            tool_calls, sequential_calls, tool_failures = totals[8 + len(FinishReason) :]
+            metrics["tree/tool_calls"].append(tool_calls)
+            metrics["tree/sequential_tool_calls"].append(sequential_calls)
+            metrics["tree/tool_call_ratio"].append(tool_calls / sequential_calls if sequential_calls else 1.0)
+            metrics["tree/tool_failures"].append(tool_failures)

@@ -10,8 +10,13 @@ Every prompt grows a tree whose nodes are fixed-length decoding segments. Decodi
    from random segment boundaries of leaves that ended with an answer or EOS; the width still owed stays branching
    budget, so the re-grown paths branch again.
 
-Together these give every prompt exactly w leaves (unless fallback is off). Non-final segments are exactly
-`segment_length` tokens long, so segment j of a leaf is ``token_ids[j*l:(j+1)*l]`` and its node id is ``nodes[j]``.
+Together these give every prompt exactly w leaves (unless fallback is off). Segment j of a leaf is
+``token_ids[segment_ends[j-1]:segment_ends[j]]`` and its node id is ``nodes[j]``; without tools every non-final segment
+is exactly `segment_length` tokens long.
+
+With a `ToolRunner` (multi-turn rollouts, docs/algorithm.md §8), a segment also ends where a turn ends with tool calls:
+the calls run once for that node, their result tokens are appended to it (masked out of the loss), and the path stays
+live, so its children branch after the result.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .sampling import SegmentEngine, SegmentOutput, SegmentRequest, TreeSamplingParams
+from .sampling import SegmentEngine, SegmentOutput, SegmentRequest, ToolRunner, ToolTurn, TreeSamplingParams
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -33,13 +38,15 @@ class FinishReason(str, Enum):
 
     The released code's MAX_OUTPUT_TOKENS and MAX_INFER_STEPS are one event here: live segments are always full, and
     `max_response_length = segment_length × max_depth`, so a path reaches d segments exactly when it reaches the
-    token limit.
+    token limit. With tools, tool results count towards the token limit, as in TRL's `max_completion_length`.
     """
 
     ANSWER = "answer"  # a complete \boxed{} answer (with EOS under `boxed_and_eos`)
     EOS = "eos"  # the sequence ended: EOS, a stop string, or another stop condition of the engine
     LENGTH = "length"  # d segments, i.e. `max_response_length` tokens
     REPETITION = "repetition"  # a repeated text window in the last segment
+    TOOL_LIMIT = "tool_limit"  # the turn called tools that were not run: `max_tool_turns` reached, or no room for
+    # the result within `max_response_length` (TRL ends such a completion at that turn too)
 
 
 # Paper script's `soft_boxed_and_eos`: fallback only re-branches from trajectories that ended properly.
@@ -51,7 +58,9 @@ class Leaf:
     """One root→leaf trajectory: the completion of one TRL row.
 
     `nodes[j]` identifies the node of segment j; two leaves share their first j segments exactly when they share
-    `nodes[:j]`. Node ids are unique within a rollout.
+    `nodes[:j]`. Node ids are unique within a rollout. With tools, `tool_mask` is 0 on tool-result tokens (TRL's
+    `tool_mask`), `tool_turns` holds the turns that ran tools in order as (index of the segment that ran it, turn),
+    and `tool_state` is the leaf's environment.
     """
 
     prompt_index: int
@@ -60,6 +69,10 @@ class Leaf:
     logprobs: list[float] | None
     finish_reason: FinishReason
     from_fallback: bool = False
+    segment_ends: tuple[int, ...] | None = None  # end offset of each segment; None: full `segment_length` segments
+    tool_mask: list[int] | None = None  # None: every token is the policy's
+    tool_turns: tuple[tuple[int, ToolTurn], ...] = ()
+    tool_state: object = None
 
     @property
     def path(self) -> tuple[int, ...]:
@@ -69,6 +82,23 @@ class Leaf:
     @property
     def depth(self) -> int:
         return len(self.nodes)
+
+    def segment_bounds(self, segment_length: int) -> list[tuple[int, int]]:
+        """(start, end) token offsets of each segment."""
+        ends = self.segment_ends
+        if ends is None:
+            ends = [min((j + 1) * segment_length, len(self.token_ids)) for j in range(self.depth)]
+        return list(zip((0, *ends[:-1]), ends))
+
+    @property
+    def policy_tokens(self) -> int:
+        """Tokens the policy decoded (tool results excluded): what TRL trains on."""
+        return len(self.token_ids) if self.tool_mask is None else sum(self.tool_mask)
+
+    @property
+    def tool_calls(self) -> int:
+        """Tool calls on this leaf's path: what a sequential rollout of this trajectory would have executed."""
+        return sum(turn.calls for _, turn in self.tool_turns)
 
 
 @dataclass
@@ -83,6 +113,9 @@ class RolloutStats:
     leaf_tokens: int = 0
     fallback_events: int = 0
     fallback_branches: int = 0
+    tool_calls: int = 0  # executed, once per tree node
+    tool_failures: int = 0
+    sequential_tool_calls: int = 0  # summed over the leaves' paths: what sequential rollouts would have executed
 
 
 @dataclass
@@ -114,6 +147,46 @@ class _Path:
     logprobs: list[float] | None
     text: str
     from_fallback: bool = False
+    segment_ends: tuple[int, ...] = ()
+    tool_mask: list[int] | None = None
+    tool_turns: tuple[tuple[int, ToolTurn], ...] = ()  # (index of the segment that ran it, turn)
+    tool_state: object = None
+
+    def leaf(self, reason: FinishReason) -> Leaf:
+        return Leaf(
+            self.prompt_index,
+            self.nodes,
+            self.token_ids,
+            self.logprobs,
+            reason,
+            self.from_fallback,
+            self.segment_ends,
+            self.tool_mask,
+            self.tool_turns,
+            self.tool_state,
+        )
+
+    def with_tool_turn(self, turn: ToolTurn, text: str) -> _Path:
+        """This path with `turn`'s result appended to its last segment, where its children will branch."""
+        added = len(turn.token_ids)
+        mask = [1] * len(self.token_ids) if self.tool_mask is None else self.tool_mask
+        return _Path(
+            self.prompt_index,
+            self.nodes,
+            self.token_ids + list(turn.token_ids),
+            None if self.logprobs is None else self.logprobs + [0.0] * added,  # TRL's value for tool tokens
+            self.text + text,
+            self.from_fallback,
+            (*self.segment_ends[:-1], len(self.token_ids) + added),
+            mask + [0] * added,
+            (*self.tool_turns, (len(self.nodes) - 1, turn)),
+            turn.state,
+        )
+
+    @property
+    def turn_start(self) -> int:
+        """Offset where the current assistant turn began: after the last tool result."""
+        return self.segment_ends[self.tool_turns[-1][0]] if self.tool_turns else 0
 
 
 # ------------------------------------------------------------------------------------------------ stop rules (§2.3)
@@ -177,7 +250,7 @@ def classify_segment(
             return FinishReason.ANSWER
     if ended:
         return FinishReason.EOS
-    if len(path.nodes) >= params.max_depth:
+    if len(path.token_ids) >= params.max_response_length:  # without tools: exactly when d segments are reached
         return FinishReason.LENGTH
     if repetition:
         return FinishReason.REPETITION
@@ -223,13 +296,15 @@ def split_budget(total: int, scores: Sequence[float], params: TreeSamplingParams
     return counts
 
 
-def _last_segment_mean_logprob(path: _Path, segment_length: int) -> float:
+def _last_segment_mean_logprob(path: _Path) -> float:
     if path.logprobs is None:
         raise ValueError(
             "The low_prob/high_prob divergence policies need sampling logprobs, but the engine returned none."
         )
-    start = (len(path.nodes) - 1) * segment_length
+    start = path.segment_ends[-2] if len(path.segment_ends) > 1 else 0
     last = path.logprobs[start:]
+    if path.tool_mask is not None:  # a tool result is not the policy's
+        last = [lp for lp, own in zip(last, path.tool_mask[start:]) if own]
     return sum(last) / max(len(last), 1)
 
 
@@ -237,7 +312,7 @@ def _last_segment_mean_logprob(path: _Path, segment_length: int) -> float:
 
 
 def _fallback_branches(
-    leaves: list[Leaf], remaining: int, params: TreeSamplingParams, rng: random.Random, decode: Decode
+    leaves: list[Leaf], remaining: int, params: TreeSamplingParams, rng: random.Random, decode: Decode, root_state
 ) -> list[tuple[_Path, int]]:
     """(start path, copies) pairs of one fallback event (spec §2.5), as the released sampler queues them.
 
@@ -247,7 +322,8 @@ def _fallback_branches(
     ``min(b, still owed)`` copies. The event does not fill the whole width: what is still owed stays branching
     budget, so the re-grown paths branch again at the next segment boundaries and keep the local subgroups that
     the advantage compares within. The copies keep the leaf's node ids up to the cut, so they also join its
-    ancestor subgroups. If they all stop early again, the next event takes the next candidates.
+    ancestor subgroups, and the tool turns (results and environment state) of the kept segments. If they all stop
+    early again, the next event takes the next candidates.
     """
     prompt_index = leaves[0].prompt_index
     candidates = []
@@ -255,15 +331,17 @@ def _fallback_branches(
         candidates = [leaf for leaf in leaves if leaf.finish_reason in FALLBACK_ELIGIBLE]
         rng.shuffle(candidates)
     if not candidates:
-        return [(_Path(prompt_index, (), [], [], "", True), min(params.branching_factor, remaining))]
+        restart = _Path(prompt_index, (), [], [], "", True, tool_state=root_state)
+        return [(restart, min(params.branching_factor, remaining))]
     branches = []
     for leaf in candidates:
         if remaining == 0:
             break
-        num_segments = math.ceil(len(leaf.token_ids) / params.segment_length)
-        kept_segments = num_segments - rng.randint(1, num_segments)
-        cut = kept_segments * params.segment_length
+        bounds = leaf.segment_bounds(params.segment_length)
+        kept_segments = len(bounds) - rng.randint(1, len(bounds))
+        cut = bounds[kept_segments - 1][1] if kept_segments else 0
         kept_ids = leaf.token_ids[:cut]
+        kept_turns = tuple((j, turn) for j, turn in leaf.tool_turns if j < kept_segments)
         start = _Path(
             prompt_index,
             leaf.nodes[:kept_segments],
@@ -271,6 +349,10 @@ def _fallback_branches(
             None if leaf.logprobs is None else leaf.logprobs[:cut],
             decode(kept_ids) if kept_ids else "",
             True,
+            tuple(end for _, end in bounds[:kept_segments]),
+            None if leaf.tool_mask is None else leaf.tool_mask[:cut],
+            kept_turns,
+            kept_turns[-1][1].state if kept_turns else root_state,
         )
         copies = min(params.branching_factor, remaining)
         branches.append((start, copies))
@@ -324,11 +406,14 @@ def grow_trees(
     prompts: Sequence[Sequence[int]],
     params: TreeSamplingParams,
     decode: Decode | None = None,
+    tools: ToolRunner | None = None,
 ) -> TreeRollout:
     """Grow one tree per prompt and return its leaves (exactly `params.width` per prompt unless fallback is off).
 
     `decode` turns token ids into text for the answer and repetition rules; without it, only EOS, length and
-    depth stop a path. The sampler's own choices are deterministic given `params.seed` and the engine's outputs.
+    depth stop a path. With `tools`, a turn that ends with tool calls runs them (once per node) and the path goes on
+    after their result. The sampler's own choices are deterministic given `params.seed`, the engine's outputs and
+    the tools' results.
     """
     if not prompts:
         return TreeRollout(leaves=[])
@@ -341,10 +426,11 @@ def grow_trees(
     done: list[list[Leaf]] = [[] for _ in prompts]
     next_node = 0
 
+    root_states = [tools.root_state(i) if tools is not None else None for i in range(len(prompts))]
     frontier: list[tuple[_Path, int]] = []
     for prompt_index in range(len(prompts)):
         fork = min(params.width, rng.randint(*params.first_divergence_range))
-        frontier.append((_Path(prompt_index, (), [], [], ""), fork))
+        frontier.append((_Path(prompt_index, (), [], [], "", tool_state=root_states[prompt_index]), fork))
 
     while frontier:
         requests = []
@@ -384,22 +470,19 @@ def grow_trees(
                     else parent.logprobs + segment_logprobs,
                     parent.text + segment_text,
                     parent.from_fallback,
+                    (*parent.segment_ends, len(parent.token_ids) + len(segment)),
+                    None if parent.tool_mask is None else parent.tool_mask + [1] * len(segment),
+                    parent.tool_turns,
+                    parent.tool_state,
                 )
                 next_node += 1
                 reason = classify_segment(child, segment, segment_text, ended, params)
+                if tools is not None and ended and reason in FALLBACK_ELIGIBLE:
+                    child, reason = _run_tool_turn(child, reason, prompts, params, tools, decode, stats)
                 if reason is None:
                     live.setdefault(child.prompt_index, []).append(child)
                 else:
-                    done[child.prompt_index].append(
-                        Leaf(
-                            child.prompt_index,
-                            child.nodes,
-                            child.token_ids,
-                            child.logprobs,
-                            reason,
-                            child.from_fallback,
-                        )
-                    )
+                    done[child.prompt_index].append(child.leaf(reason))
                     stopped_now[child.prompt_index] += 1
 
         frontier = []
@@ -408,20 +491,50 @@ def grow_trees(
             if paths:
                 total = branching_budget(len(paths), stopped_now[prompt_index], len(done[prompt_index]), params)
                 scores = (
-                    [_last_segment_mean_logprob(p, params.segment_length) for p in paths]
+                    [_last_segment_mean_logprob(p) for p in paths]
                     if params.needs_logprobs
                     else [0.0] * len(paths)
                 )
                 frontier.extend(zip(paths, split_budget(total, scores, params)))
             elif len(done[prompt_index]) < params.width and params.fallback_policy != "none":
                 remaining = params.width - len(done[prompt_index])
-                branches = _fallback_branches(done[prompt_index], remaining, params, rng, decode)
+                branches = _fallback_branches(
+                    done[prompt_index], remaining, params, rng, decode, root_states[prompt_index]
+                )
                 stats.fallback_events += 1
                 stats.fallback_branches += sum(copies for _, copies in branches)
                 frontier.extend(branches)
 
-    stats.leaf_tokens = sum(len(leaf.token_ids) for leaves in done for leaf in leaves)
+    stats.leaf_tokens = sum(leaf.policy_tokens for leaves in done for leaf in leaves)
+    stats.sequential_tool_calls = sum(leaf.tool_calls for leaves in done for leaf in leaves)
     return TreeRollout(leaves=done, stats=stats)
+
+
+def _run_tool_turn(
+    path: _Path,
+    reason: FinishReason,
+    prompts: Sequence[Sequence[int]],
+    params: TreeSamplingParams,
+    tools: ToolRunner,
+    decode: Decode,
+    stats: RolloutStats,
+) -> tuple[_Path, FinishReason | None]:
+    """The path and its stop reason after its turn ended: `None` (live, after the tool result) when the turn called
+    tools and they ran, `TOOL_LIMIT` when they could not, and `reason` unchanged when the turn called none."""
+    prompt = prompts[path.prompt_index]
+    start = path.turn_start
+    calls = tools.find_calls(path.prompt_index, list(prompt) + path.token_ids[:start], path.token_ids[start:])
+    if calls is None:
+        return path, reason
+    if params.max_tool_turns is not None and len(path.tool_turns) >= params.max_tool_turns:
+        return path, FinishReason.TOOL_LIMIT
+    turn = tools.run(path.prompt_index, path.tool_state, calls)
+    stats.tool_calls += turn.calls
+    stats.tool_failures += turn.failures
+    # As TRL does, a result that leaves no room for the next turn is dropped and the path ends at its call.
+    if len(path.token_ids) + len(turn.token_ids) >= params.max_response_length:
+        return path, FinishReason.TOOL_LIMIT
+    return path.with_tool_turn(turn, decode(turn.token_ids) if turn.token_ids else ""), None
 
 
 def _no_text(token_ids: Sequence[int]) -> str:

@@ -85,7 +85,8 @@ def render_tree_svg(
         )
         leaf = leaves[through[key]]
         level = len(key) - 1
-        text = decode(leaf.token_ids[level * segment_length : (level + 1) * segment_length])
+        start, end = leaf.segment_bounds(segment_length)[level]
+        text = decode(leaf.token_ids[start:end])
         label = " ".join(text.split())
         label = label[:21] + "…" if len(label) > 22 else label
         parts.append(

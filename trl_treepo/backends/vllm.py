@@ -7,7 +7,8 @@ serves from cache instead of recomputing (TreePO's KV reuse, spec §3).
   parallelism the prompts of a TP group are gathered first, as TRL does, and every rank of the group grows the same
   trees (same seed, same engine outputs) and keeps its share.
 - Server: the main process gathers every prompt, grows all trees against `vllm serve` over HTTP, and broadcasts the
-  leaves. The object collectives run on a dedicated Gloo group whose timeout is configurable, so that a rollout of
+  leaves. With tools, each process grows its own trees against the server instead, since a tool call runs where its
+  example's environment lives. The object collectives run on a dedicated Gloo group whose timeout is configurable, so that a rollout of
   many levels does not trip the NCCL watchdog (ms-swift#10065).
 """
 
@@ -185,7 +186,7 @@ class VLLMServerEngine:
 # ------------------------------------------------------------------------------------------------------ rollouts
 
 
-def colocate_rollout(vllm_generation, roots, params, decode) -> TreeRollout:
+def colocate_rollout(vllm_generation, roots, params, decode, tools=None) -> TreeRollout:
     """Grow trees on this process's colocated engine (gathering the prompts of its TP group first)."""
     llm = vllm_generation.llm
     group_size = vllm_generation.tensor_parallel_size
@@ -202,7 +203,8 @@ def colocate_rollout(vllm_generation, roots, params, decode) -> TreeRollout:
             vllm_generation.sync_weights()
         llm.wake_up(tags=["kv_cache"])
     try:
-        rollout = grow_trees(VLLMColocateEngine(llm, sampling_settings(vllm_generation)), all_roots, params, decode)
+        engine = VLLMColocateEngine(llm, sampling_settings(vllm_generation))
+        rollout = grow_trees(engine, all_roots, params, decode, tools)
     finally:
         if vllm_generation.enable_sleep_mode:
             llm.sleep(level=2)
@@ -263,12 +265,7 @@ def server_rollout(
     if accelerator.is_main_process:
         try:
             roots = [list(root) for root in all_rows[::num_generations]]
-            engine = VLLMServerEngine(
-                vllm_generation.vllm_client,
-                sampling_settings(vllm_generation),
-                request_timeout=request_timeout,
-                max_retries=max_retries,
-            )
+            engine = _server_engine(vllm_generation, request_timeout, max_retries)
             rollout = grow_trees(engine, roots, params, decode)
             payload = (rollout.rows(num_generations), rollout.stats, None)
         except Exception as error:  # hand the failure to every process instead of leaving them waiting
@@ -278,6 +275,35 @@ def server_rollout(
         raise ServerRequestError(f"Tree rollout on the main process failed: {failure}")
     start = accelerator.process_index * len(prompt_ids)
     return rows[start : start + len(prompt_ids)], stats if accelerator.is_main_process else RolloutStats()
+
+
+def _server_engine(vllm_generation, request_timeout: float, max_retries: int) -> VLLMServerEngine:
+    return VLLMServerEngine(
+        vllm_generation.vllm_client,
+        sampling_settings(vllm_generation),
+        request_timeout=request_timeout,
+        max_retries=max_retries,
+    )
+
+
+def local_server_rollout(
+    vllm_generation, roots, params, decode, tools, rollout_group: RolloutGroup, request_timeout: float, max_retries: int
+) -> TreeRollout:
+    """Grow this process's trees against the server (tool calls run on the process that holds their environments).
+
+    A failure on any process is raised on every process, instead of leaving the others waiting in the next collective.
+    """
+    rollout, failure = None, None
+    try:
+        rollout = grow_trees(_server_engine(vllm_generation, request_timeout, max_retries), roots, params, decode, tools)
+    except Exception as error:
+        failure = error
+    failures = [f for f in rollout_group.gather(None if failure is None else f"{type(failure).__name__}: {failure}") if f]
+    if failure is not None:
+        raise failure
+    if failures:
+        raise ServerRequestError(f"Tree rollout failed on another process: {failures[0]}")
+    return rollout
 
 
 # ------------------------------------------------------------------------------------------------- vLLM on CPU
