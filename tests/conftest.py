@@ -20,11 +20,11 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tool_model(tmp_path_factory, tiny_model):
-    """The tiny Qwen2, SFT-warmed to solve `make_tool_dataset` problems by calling `calculate` (about 2.5 minutes)."""
+    """The tiny Qwen2, SFT-warmed to solve `make_tool_dataset` problems by calling `calculate` (a few minutes)."""
     from trl_treepo.testing import make_warm_model
 
     return make_warm_model(tmp_path_factory.mktemp("tool-model") / "warm", base_model=tiny_model, warm="tool-calls",
-                           steps=150, examples=1200)  # fmt: skip
+                           steps=300, batch_size=4, examples=1200)  # fmt: skip
 
 
 @pytest.fixture

@@ -17,6 +17,20 @@ def test_rollout_benchmark_reports_both_modes_and_their_ratios(tiny_model):
     assert report["speedup"] > 0 and report["efficiency"] == report["speedup"] * report["decoded_token_ratio"]
 
 
+def test_agentic_benchmark_counts_the_tool_calls_of_both_modes(tool_model):
+    report = main(["--model", tool_model, "--tools", "--prompts", "2", "--width", "8", "--segment-length", "32",
+                   "--depth", "6", "--warmup", "0", "--repeats", "1", "--tool-latency", "0"])  # fmt: skip
+    sequential, tree = report["sequential"], report["tree"]
+    assert sequential["trajectories"] == tree["trajectories"] == 16
+    # sequential rollouts run every call on every trajectory; the tree runs each once per node
+    assert sequential["tool_calls"] == sequential["path_tool_calls"] > 0
+    assert 0 < tree["tool_calls"] < tree["path_tool_calls"]
+    assert report["tree_tool_call_sharing"] == tree["tool_calls"] / tree["path_tool_calls"]
+    per_trajectory = (tree["tool_calls"] / 16) / (sequential["tool_calls"] / 16)
+    assert report["tool_call_ratio"] == per_trajectory
+    assert sequential["engine_calls"] >= 2  # the first turn, then the turns after tool results
+
+
 def test_training_benchmark_compares_grpo_treepo_and_packed_steps(tiny_model):
     command = [sys.executable, "-m", "trl_treepo.benchmark", "--model", tiny_model, "--task", "basic_arithmetic",
                "--prompts", "2", "--width", "4", "--segment-length", "4", "--depth", "3", "--warmup", "0",

@@ -17,7 +17,8 @@ from trl_treepo import TreePOTrainer, TreeSamplingParams, grow_trees
 from trl_treepo.backends.vllm import ServerRequestError, VLLMColocateEngine, VLLMServerEngine
 from trl_treepo.checks import leaf_logprob_gap
 from trl_treepo.sampling import SegmentRequest
-from trl_treepo.testing import free_port, make_math_dataset, start_vllm_server
+from trl_treepo.testing import calculate as calculator
+from trl_treepo.testing import final_answer_reward, free_port, make_math_dataset, make_tool_dataset, start_vllm_server
 
 pytestmark = [
     pytest.mark.vllm,
@@ -337,3 +338,66 @@ def test_a_server_that_dies_mid_training_fails_the_next_step_with_a_clear_error(
     assert trainer.state.global_step == 1
     message = str(error.value)
     assert proxy.url in message and "step 1" in message and "still running" in message
+
+
+# --------------------------------------------------------------------------------------------------- tool calls
+
+
+def tool_args(tmp_path, **overrides):
+    return vllm_args(tmp_path, num_generations=8, tree_segment_length=32, tree_max_depth=6, max_steps=2,
+                     max_tool_calling_iterations=3, learning_rate=1e-4, tree_filter_zero_std_prompts=False,
+                     **overrides)  # fmt: skip
+
+
+def assert_trees_grew_through_tool_calls(trainer, executed):
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    assert sum(entry["tree/tool_calls"] for entry in logs) >= len(executed) > 0
+    assert sum(e["tree/tool_calls"] for e in logs) < sum(e["tree/sequential_tool_calls"] for e in logs)
+
+
+def counting_calculator():
+    executed = []
+
+    def calculate(expression: str) -> str:
+        """
+        Evaluates one addition or subtraction of two integers.
+
+        Args:
+            expression: The operation to evaluate, for example "3 + 4" or "7 - 9".
+
+        Returns:
+            The result, as an integer.
+        """
+        executed.append(expression)
+        return calculator(expression)
+
+    return calculate, executed
+
+
+def test_colocate_trees_grow_through_tool_calls(tool_model, tmp_path):
+    tool, executed = counting_calculator()
+    trainer = TreePOTrainer(model=tool_model, reward_funcs=final_answer_reward,
+                            args=tool_args(tmp_path, vllm_mode="colocate"), train_dataset=make_tool_dataset(32),
+                            tools=[tool])  # fmt: skip
+    trainer.train()
+    assert_trees_grew_through_tool_calls(trainer, executed)
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("tool-server") / "vllm_serve.log"
+    process, base_url = start_vllm_server(tool_model, log_path=log, max_model_len=1024)
+    yield base_url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def test_server_trees_grow_through_tool_calls(tool_server, tool_model, tmp_path, monkeypatch):
+    install_fake_communicator(monkeypatch)
+    tool, executed = counting_calculator()
+    trainer = TreePOTrainer(model=tool_model, reward_funcs=final_answer_reward,
+                            args=tool_args(tmp_path, vllm_mode="server", vllm_server_base_url=tool_server),
+                            train_dataset=make_tool_dataset(32), tools=[tool])  # fmt: skip
+    trainer.train()
+    assert_trees_grew_through_tool_calls(trainer, executed)

@@ -19,6 +19,11 @@ depth × segment study) and `--plot` draws TokenPS against it. `--train` compare
 GRPOTrainer step at equal leaves, and a TreePOTrainer step with `tree_packed_training` (each shared prefix forwarded
 once) against one without: step time, loss forward + backward time, and peak memory (CUDA allocations on a GPU, the
 process's peak RSS on a CPU).
+
+`--tools` is the agentic case: problems solved with a calculator tool (`testing.make_tool_dataset`, a tiny model
+SFT-warmed to call it), rolled out (a) as GRPOTrainer's tool loop does, every completion running its own calls turn
+by turn, and (b) as a tree through tool calls (docs/algorithm.md §8), where a call runs once per node. It adds the tool
+calls each mode executed; `--tool-latency` makes every call take that many seconds, as a real tool would.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 from .sampling import SegmentRequest, TreeSamplingParams
 from .tree import grow_trees
 
+DEFAULT_TOOL_MODEL_DIR = Path(os.environ.get("TRL_TREEPO_CACHE", Path.home() / ".cache" / "trl_treepo")) / "bench-tool-model"
+
 DEFAULT_MODEL_DIR = Path(os.environ.get("TRL_TREEPO_CACHE", Path.home() / ".cache" / "trl_treepo")) / "bench-model"
 
 
@@ -49,6 +56,8 @@ class RunResult:
     engine_calls: int
     requests: int
     early_stop_ratio: float  # leaves that ended before the length limit
+    tool_calls: int = 0  # executed
+    path_tool_calls: int = 0  # on the trajectories' paths: what running each trajectory on its own executes
 
     @property
     def trajectories_per_s(self) -> float:
@@ -86,9 +95,62 @@ def run_sequential(engine, prompts, params: TreeSamplingParams) -> RunResult:
     )
 
 
-def run_tree(engine, prompts, params: TreeSamplingParams, decode) -> RunResult:
+def run_sequential_with_tools(engine, prompts, params: TreeSamplingParams, tools) -> RunResult:
+    """GRPOTrainer's tool loop: `width` completions per prompt; each turn that ends with tool calls runs them, appends
+    the result and generates the next turn, until no call is left or `max_tool_turns` turns ran (one engine call per
+    iteration, over every completion still going)."""
+    eos = frozenset(params.eos_token_ids)
     started = time.perf_counter()
-    rollout = grow_trees(engine, prompts, params, decode)
+    rows = [prompt_index for prompt_index in range(len(prompts)) for _ in range(params.width)]
+    completions = [[] for _ in rows]
+    policy_tokens = [0] * len(rows)
+    states = [tools.root_state(prompt_index) for prompt_index in rows]
+    turns = [0] * len(rows)
+    decoded = calls = engine_calls = requests = 0
+    active = list(range(len(rows)))
+    while active:
+        budget = [params.max_response_length - len(completions[row]) for row in active]
+        outputs = engine.generate(
+            [SegmentRequest(list(prompts[rows[row]]) + completions[row], 1, left) for row, left in zip(active, budget)]
+        )
+        engine_calls, requests = engine_calls + 1, requests + len(active)
+        still_going = []
+        for row, (output,) in zip(active, outputs):
+            decoded += len(output.token_ids)
+            turn_ids = _trim(output.token_ids, eos)
+            context = list(prompts[rows[row]]) + completions[row]
+            completions[row] += turn_ids
+            policy_tokens[row] += len(turn_ids)
+            if not turn_ids or turn_ids[-1] not in eos:
+                continue  # the length limit cut it
+            found = tools.find_calls(rows[row], context, turn_ids)
+            if found is None or (params.max_tool_turns is not None and turns[row] >= params.max_tool_turns):
+                continue
+            turn = tools.run(rows[row], states[row], found)
+            calls += turn.calls
+            if len(completions[row]) + len(turn.token_ids) >= params.max_response_length:
+                continue
+            completions[row] += turn.token_ids
+            states[row], turns[row] = turn.state, turns[row] + 1
+            still_going.append(row)
+        active = still_going
+    wall = time.perf_counter() - started
+    return RunResult(
+        wall_s=wall,
+        trajectories=len(rows),
+        leaf_tokens=sum(policy_tokens),
+        decoded_tokens=decoded,
+        engine_calls=engine_calls,
+        requests=requests,
+        early_stop_ratio=sum(len(c) < params.max_response_length for c in completions) / len(rows),
+        tool_calls=calls,
+        path_tool_calls=calls,
+    )
+
+
+def run_tree(engine, prompts, params: TreeSamplingParams, decode, tools=None) -> RunResult:
+    started = time.perf_counter()
+    rollout = grow_trees(engine, prompts, params, decode, tools)
     wall = time.perf_counter() - started
     leaves = rollout.flat_leaves()
     return RunResult(
@@ -99,6 +161,8 @@ def run_tree(engine, prompts, params: TreeSamplingParams, decode) -> RunResult:
         engine_calls=rollout.stats.engine_calls,
         requests=rollout.stats.requests,
         early_stop_ratio=sum(len(leaf.token_ids) < params.max_response_length for leaf in leaves) / len(leaves),
+        tool_calls=rollout.stats.tool_calls,
+        path_tool_calls=rollout.stats.sequential_tool_calls,
     )
 
 
@@ -203,24 +267,76 @@ def sampling_params(args, eos_token_ids, depth: int, segment_length: int) -> Tre
         initial_divergence=args.initial_divergence,
         eos_token_ids=tuple(eos_token_ids),
         seed=args.seed,
+        max_tool_turns=args.max_tool_turns if args.tools else None,
     )
 
 
-def compare(backend: _Backend, prompts, params, decode, args) -> dict:
+def tool_prompts(args, tokenizer):
+    """The agentic case's prompts (rendered with the calculator tool) and a `ToolExecutor` with TRL's semantics."""
+    import functools
+    import types
+
+    from trl import GRPOTrainer
+    from trl.chat_template_utils import add_response_schema, parse_response
+
+    from .testing import calculate, make_tool_dataset
+    from .tools import PromptTools, ToolExecutor
+
+    @functools.wraps(calculate)
+    def slow_calculate(expression: str) -> str:
+        time.sleep(args.tool_latency)
+        return calculate(expression)
+
+    tokenizer = add_response_schema(tokenizer)  # as GRPOTrainer sets it up for tool parsing
+    rows = make_tool_dataset(args.prompts, seed=args.seed + 1000)
+    prompts = [
+        tokenizer.apply_chat_template(row["prompt"], tools=[calculate], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False)  # fmt: skip
+        for row in rows
+    ]
+    # GRPOTrainer's own tokenisation of tool results, bound to this tokenizer (it reads no other trainer state).
+    trainer_view = types.SimpleNamespace(processing_class=tokenizer, _tokenizer=tokenizer, chat_template=None,
+                                         chat_template_kwargs={}, _is_vlm=False)  # fmt: skip
+
+    def suffix_ids(tool_messages):
+        return GRPOTrainer._get_tool_suffix_ids(trainer_view, tool_messages)
+
+    def parse(ids, prefix, schema):
+        return parse_response(tokenizer, ids, prefix=prefix, tools=schema)
+
+    executor = ToolExecutor([PromptTools([slow_calculate], [calculate]) for _ in prompts], parse, suffix_ids)
+    return prompts, executor
+
+
+def compare(backend: _Backend, prompts, params, decode, args, tools=None) -> dict:
     """Warm up both modes, then alternate sequential and tree runs; medians per mode and their ratios."""
     results = {"sequential": [], "tree": []}
     for repeat in range(args.warmup + args.repeats):
         for mode in ("sequential", "tree"):
             backend.seed(args.seed + repeat)
             engine = backend.engine(reuse_kv_cache=not args.no_kv_reuse)
-            run = run_sequential(engine, prompts, params) if mode == "sequential" else run_tree(engine, prompts, params, decode)
+            if mode == "tree":
+                run = run_tree(engine, prompts, params, decode, tools)
+            elif tools is not None:
+                run = run_sequential_with_tools(engine, prompts, params, tools)
+            else:
+                run = run_sequential(engine, prompts, params)
             if repeat >= args.warmup:
                 results[mode].append(run)
     sequential, tree = _median_result(results["sequential"]), _median_result(results["tree"])
     speedup = tree["leaf_tokens_per_s"] / sequential["leaf_tokens_per_s"]
     decoded_ratio = tree["decoded_tokens"] / sequential["decoded_tokens"]
     decode_rate = [statistics.median(r.decoded_tokens / r.wall_s for r in results[m]) for m in ("sequential", "tree")]
+    tool_ratio = {}
+    if tools is not None:
+        tool_ratio = {
+            # calls per trajectory, tree over sequential; and, on the tree's own trajectories, executed over on-path
+            "tool_call_ratio": (tree["tool_calls"] / tree["trajectories"])
+            / max(sequential["tool_calls"] / sequential["trajectories"], 1e-9),
+            "tree_tool_call_sharing": tree["tool_calls"] / max(tree["path_tool_calls"], 1),
+        }
     return {
+        **tool_ratio,
         "sequential": sequential,
         "tree": tree,
         "speedup": speedup,
@@ -536,6 +652,8 @@ def _table(report: dict) -> str:
         ("TrajPS", "trajectories_per_s", "{:.2f}"),
         ("TokenPS", "leaf_tokens_per_s", "{:.1f}"),
     ]
+    if "tool_call_ratio" in report:
+        rows += [("tool calls executed", "tool_calls", "{:.0f}"), ("tool calls on paths", "path_tool_calls", "{:.0f}")]
     lines = [f"{'':24}{'sequential':>14}{'tree':>14}"]
     for label, key, fmt in rows:
         lines.append(f"{label:24}{fmt.format(report['sequential'][key]):>14}{fmt.format(report['tree'][key]):>14}")
@@ -544,6 +662,11 @@ def _table(report: dict) -> str:
         f"decoded-token ratio {report['decoded_token_ratio']:.3f}   efficiency {report['efficiency']:.2f}   "
         f"decode-rate ratio {report['decode_rate_ratio']:.2f}"
     )
+    if "tool_call_ratio" in report:
+        lines.append(
+            f"tool calls per trajectory, tree / sequential {report['tool_call_ratio']:.3f}   "
+            f"tree executed / on its paths {report['tree_tool_call_sharing']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -594,6 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", help="PNG path for the TokenPS-vs-depth plot of --sweep-depths")
     parser.add_argument("--train", action="store_true", help="also compare a TreePOTrainer step with a GRPOTrainer step")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--tools", action="store_true", help="the agentic case: calculator problems, tool calls in "
+                        "rollouts (default model: a tiny model warmed to call the tool)")
+    parser.add_argument("--tool-latency", type=float, default=0.05, help="--tools: seconds each tool call takes")
+    parser.add_argument("--max-tool-turns", type=int, default=3, help="--tools: max_tool_calling_iterations")
     parser.add_argument("--train-worker", choices=["grpo", "treepo", "treepo-packed"], help=argparse.SUPPRESS)
     parser.add_argument("--packing", help="compare the packed-training paths on synthetic trees of these shapes, "
                         "comma-separated depth×segment-length (e.g. 4x256,8x512,14x512); skips the rollout benchmark")
@@ -629,7 +756,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model is None:
         from .testing import make_warm_model
 
-        args.model = make_warm_model(DEFAULT_MODEL_DIR)
+        if args.tools:
+            args.model = make_warm_model(DEFAULT_TOOL_MODEL_DIR, warm="tool-calls", steps=300)
+        else:
+            args.model = make_warm_model(DEFAULT_MODEL_DIR)
         argv += ["--model", args.model]
     args.device_is_cpu = not torch.cuda.is_available()
     if args.train_worker:
@@ -640,11 +770,15 @@ def main(argv: list[str] | None = None) -> dict:
     eos_token_ids = [tokenizer.eos_token_id]
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         eos_token_ids.append(tokenizer.pad_token_id)
-    prompts = load_prompts(args, tokenizer)
+    tools = None
+    if args.tools:
+        prompts, tools = tool_prompts(args, tokenizer)
+    else:
+        prompts = load_prompts(args, tokenizer)
     backend = _Backend(args, eos_token_ids, tokenizer.pad_token_id)
     params = sampling_params(args, eos_token_ids, args.depth, args.segment_length)
 
-    report = compare(backend, prompts, params, tokenizer.decode, args)
+    report = compare(backend, prompts, params, tokenizer.decode, args, tools)
     report["setup"] = {
         "backend": args.backend,
         "model": str(args.model),
@@ -660,6 +794,8 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
+    if args.tools:
+        report["setup"].update(tool_latency_s=args.tool_latency, max_tool_turns=args.max_tool_turns)
     print(_table(report), flush=True)
 
     if args.sweep_depths:

@@ -579,8 +579,16 @@ GRPO_DIFFERENCES = (
         lambda args: False,
     ),
     GRPODifference(
-        "`rollout_func`, `tools`, `environment_factory`, images", "supported", "refused with an error",
-        "They replace or split the tree rollout. `tree_sampling=False` trains them as GRPO does.",
+        "`tools`, `environment_factory`", "every completion runs its own tool calls; `tools/call_frequency` = calls "
+        "per completion", "a turn's calls run once per tree node and the leaves below share the result; each path "
+        "owns a copy of its environment (`tree_environment_branching`); a call may time out (`tree_tool_timeout`); "
+        "`tools/call_frequency` = calls run per completion (`tree/sequential_tool_calls` counts them per leaf)",
+        "Agentic trees (docs/algorithm.md §8): the tool call and its result are the prefix the leaves share.",
+        lambda args: False,
+    ),
+    GRPODifference(
+        "`rollout_func`, images", "supported", "refused with an error",
+        "They replace the tree rollout or need the vision path. `tree_sampling=False` trains them as GRPO does.",
         lambda args: False,
     ),
 )

@@ -332,6 +332,19 @@ def make_tool_dataset(size: int = 64, seed: int = 0, **task_config):
     return Dataset.from_list(rows)
 
 
+def final_answer_reward(completions, solution, **kwargs) -> list[float]:
+    """1.0 where the last message's last `\\boxed{}` answer equals the solution: a tool-using completion is a
+    conversation, and its answer comes after the tool results (TRL's `accuracy_reward` reads the first message)."""
+    from .tree import find_boxed_answers
+
+    rewards = []
+    for completion, answer in zip(completions, solution):
+        text = completion[-1]["content"] if isinstance(completion, list) and completion else str(completion)
+        boxed = find_boxed_answers(text or "")
+        rewards.append(float(bool(boxed) and boxed[-1][2].strip() == str(answer).strip()))
+    return rewards
+
+
 def tool_transcript(expression: str) -> list[dict] | None:
     """The assistant/tool messages that solve `expression` left to right with `calculate`, one call per operation."""
     parts = expression.split()
