@@ -16,8 +16,9 @@
 # With `--use_environment`, the calculator is a method of an environment (`environment_factory`): every tree path
 # owns its instance (`--tree_environment_branching copy`, the default, or `replay`), which counts the path's calls.
 #
-# The dataset is reasoning-gym's `basic_arithmetic` with 2–3 one-digit terms, built offline. The logs add, per step,
-# `tree/tool_calls` (calls run) against `tree/sequential_tool_calls` (calls that sequential rollouts of the same
+# The dataset is reasoning-gym's `basic_arithmetic` with 2–3 one-digit terms, built offline. (The tiny offline model
+# calls the tool in the right format but rarely copies the numbers right, so its rewards start near 0.) The logs add,
+# per step, `tree/tool_calls` (calls run) against `tree/sequential_tool_calls` (calls that sequential rollouts of the same
 # leaves would have run) and `tree/tool_failures`.
 
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_treepo import TreePOConfig, TreePOTrainer
-from trl_treepo.testing import make_tool_dataset
+from trl_treepo.testing import calculate, make_tool_dataset  # the calculator tool: `a + b` or `a - b`
 from trl_treepo.tree import find_boxed_answers
+
+calculator = calculate  # the name `CalculatorEnv.calculate` calls, where `calculate` is the method itself
 
 
 @dataclass
@@ -42,22 +45,6 @@ class ToolScriptArguments(ScriptArguments):
 
     dataset_size: int = field(default=2000, metadata={"help": "Number of reasoning-gym problems to generate."})
     use_environment: bool = field(default=False, metadata={"help": "Serve the calculator from an environment."})
-
-
-def calculate(expression: str) -> str:
-    """
-    Evaluates one addition or subtraction of two integers.
-
-    Args:
-        expression: The operation to evaluate, for example "3 + 4" or "7 - 9".
-
-    Returns:
-        The result, as an integer.
-    """
-    left, operator, right = expression.split()
-    if operator not in ("+", "-"):
-        raise ValueError(f"Only + and - are supported, got {operator!r}.")
-    return str(int(left) + int(right) if operator == "+" else int(left) - int(right))
 
 
 def final_answer(text: str) -> str | None:
@@ -80,17 +67,10 @@ class CalculatorEnv:
         self.solution, self.calls = solution, 0
 
     def calculate(self, expression: str) -> str:
-        """
-        Evaluates one addition or subtraction of two integers.
-
-        Args:
-            expression: The operation to evaluate, for example "3 + 4" or "7 - 9".
-
-        Returns:
-            The result, as an integer.
-        """
         self.calls += 1
-        return calculate(expression)
+        return calculator(expression)
+
+    calculate.__doc__ = calculator.__doc__  # the same schema in the prompt as `tools=[calculate]`
 
 
 def main(script_args, training_args, model_args):

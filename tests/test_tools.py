@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 import trl_treepo.trainer as trainer_module
 from trl_treepo import TreePOTrainer
 from trl_treepo.sampling import ToolTurn, TreeSamplingParams
-from trl_treepo.testing import ScriptedEngine, calculate, make_tool_dataset
+from trl_treepo.testing import ScriptedEngine, calculate, counting_calculator, make_tool_dataset
 from trl_treepo.testing import final_answer_reward as final_answer
 from trl_treepo.tools import EnvironmentBranchingError, ToolExecutor
 from trl_treepo.tree import FinishReason, grow_trees
@@ -248,23 +248,24 @@ def tool_trainer(tiny_model, tmp_path, reward_funcs=final_answer, **kwargs):
                          train_dataset=make_tool_dataset(16, seed=3), **kwargs)  # fmt: skip
 
 
+def capture_batches(trainer):
+    """(output, tree batch) of each step's advantage step, after it ran."""
+    batches = []
+    original = trainer._replace_advantages
+
+    def spy(output, batch, paths, truncated):
+        original(output, batch, paths, truncated)
+        batches.append(({key: value for key, value in output.items()}, batch))
+
+    trainer._replace_advantages = spy
+    return batches
+
+
 def test_trainer_runs_tools_once_per_node_masks_results_and_scores_whole_conversations(
     tiny_model, tmp_path, scripted_turns
 ):
     install, tokenizer = scripted_turns
-    executed = []
-
-    def counted_calculate(expression: str) -> str:
-        """
-        Evaluates one addition or subtraction of two integers.
-
-        Args:
-            expression: The operation to evaluate.
-        """
-        executed.append(expression)
-        return calculate(expression)
-
-    counted_calculate.__name__ = "calculate"
+    counted_calculate, executed = counting_calculator()
 
     def respond(seen, branch):
         if "<tool_response>" not in seen:
@@ -279,16 +280,10 @@ def test_trainer_runs_tools_once_per_node_masks_results_and_scores_whole_convers
         return final_answer(completions, ["7"] * len(completions))
 
     trainer = tool_trainer(tiny_model, tmp_path, reward_funcs=final_answer_spy, tools=[counted_calculate])
-    batches = []
-    original = trainer._replace_advantages
-
-    def spy(output, batch, paths, truncated):
-        original(output, batch, paths, truncated)
-        batches.append((output["completion_ids"].clone(), output["tool_mask"].clone(), batch))
-
-    trainer._replace_advantages = spy
+    batches = capture_batches(trainer)
     trainer.train()
-    completion_ids, tool_mask, batch = batches[0]
+    output, batch = batches[0]
+    completion_ids, tool_mask = output["completion_ids"], output["tool_mask"]
     log = trainer.state.log_history[0]
     rows = completion_ids.size(0)
     # 2 prompts, each forked twice at the root: 4 calls run, where sequential rollouts would run one per leaf (8)
@@ -361,16 +356,9 @@ def test_each_path_owns_its_environment(tiny_model, tmp_path, scripted_turns, br
 
     trainer = tool_trainer(tiny_model, tmp_path, reward_funcs=[], environment_factory=factory,
                            args=dict(tree_environment_branching=branching))  # fmt: skip
-    batches = []
-    original = trainer._replace_advantages
-
-    def spy(output, batch, paths, truncated):
-        original(output, batch, paths, truncated)
-        batches.append(batch)
-
-    trainer._replace_advantages = spy
+    batches = capture_batches(trainer)
     trainer.train()
-    batch = batches[0]
+    _, batch = batches[0]
     rewards = trainer._rewards_per_func[:, 0].tolist()  # CounterEnv.get_reward of each row's environment
     for leaf, reward in zip(batch.row_leaves, rewards):
         # a leaf's environment saw exactly the calls on its own path: 1, or 1 then 10
@@ -414,16 +402,10 @@ def test_tree_segment_advantages_follow_segments_cut_short_by_tool_calls(tiny_mo
     install(two_turn_env_script)
     trainer = tool_trainer(tiny_model, tmp_path, reward_funcs=[], environment_factory=CounterEnv,
                            args=dict(tree_advantage_estimator="tree_segment", tree_advantage_normalization="none"))
-    batches = []
-    original = trainer._replace_advantages
-
-    def spy(output, batch, paths, truncated):
-        original(output, batch, paths, truncated)
-        batches.append((output["advantages"].clone(), batch))
-
-    trainer._replace_advantages = spy
+    batches = capture_batches(trainer)
     trainer.train()
-    advantages, batch = batches[0]
+    output, batch = batches[0]
+    advantages = output["advantages"]
     for row, leaf in enumerate(batch.row_leaves):
         for start, end in leaf.segment_bounds(SEGMENT):  # one value per segment, changing only at its ends
             assert torch.unique(advantages[row, start:end]).numel() == 1
@@ -455,23 +437,8 @@ def test_tools_with_tensor_parallel_colocate_are_refused_before_vllm_starts(tiny
 
 
 def test_transformers_backend_grows_trees_through_real_tool_calls(tool_model, tmp_path):
-    executed = []
-
-    def calculate_and_count(expression: str) -> str:
-        """
-        Evaluates one addition or subtraction of two integers.
-
-        Args:
-            expression: The operation to evaluate, for example "3 + 4" or "7 - 9".
-
-        Returns:
-            The result, as an integer.
-        """
-        executed.append(expression)
-        return calculate(expression)
-
-    calculate_and_count.__name__ = "calculate"
-    trainer = tool_trainer(tool_model, tmp_path, tools=[calculate_and_count],
+    tool, executed = counting_calculator()
+    trainer = tool_trainer(tool_model, tmp_path, tools=[tool],
                            args=dict(num_generations=8, max_steps=2, tree_segment_length=32, tree_max_depth=6,
                                      max_tool_calling_iterations=3, learning_rate=1e-4))  # fmt: skip
     trainer.train()

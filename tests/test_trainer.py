@@ -231,24 +231,6 @@ def test_trainer_needs_a_treepo_config(tiny_model, tmp_path):
                       train_dataset=make_math_dataset(size=4))
 
 
-def test_tools_are_rejected_with_tree_sampling(tiny_model, tmp_path):
-    def add(a: int, b: int) -> int:
-        """Add two integers.
-
-        Args:
-            a: first
-            b: second
-
-        Returns:
-            The sum.
-        """
-        return a + b
-
-    with pytest.raises(ValueError, match="tools"):
-        TreePOTrainer(model=tiny_model, reward_funcs=reward_length, args=tiny_args(tmp_path),
-                      train_dataset=make_math_dataset(size=4), tools=[add])
-
-
 class FakeHubApi:
     """Stands in for huggingface_hub's HfApi (no Hub here): records the repo and what the upload would send."""
 

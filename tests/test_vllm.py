@@ -17,8 +17,7 @@ from trl_treepo import TreePOTrainer, TreeSamplingParams, grow_trees
 from trl_treepo.backends.vllm import ServerRequestError, VLLMColocateEngine, VLLMServerEngine
 from trl_treepo.checks import leaf_logprob_gap
 from trl_treepo.sampling import SegmentRequest
-from trl_treepo.testing import calculate as calculator
-from trl_treepo.testing import final_answer_reward, free_port, make_math_dataset, make_tool_dataset, start_vllm_server
+from trl_treepo.testing import counting_calculator, final_answer_reward, free_port, make_math_dataset, make_tool_dataset, start_vllm_server
 
 pytestmark = [
     pytest.mark.vllm,
@@ -151,13 +150,17 @@ def test_colocate_rejects_a_prompt_the_engine_cannot_hold(colocate_run):
 # ------------------------------------------------------------------------------------------------------ server
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tiny_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "vllm_serve.log"
-    process, base_url = start_vllm_server(tiny_model, log_path=log, max_model_len=1024)
+def serve(model, tmp_path_factory, name):
+    log = tmp_path_factory.mktemp(name) / "vllm_serve.log"
+    process, base_url = start_vllm_server(model, log_path=log, max_model_len=1024)
     yield base_url
     process.terminate()
     process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, tmp_path_factory):
+    yield from serve(tiny_model, tmp_path_factory, "server")
 
 
 def prefix_cache_hits(base_url):
@@ -356,25 +359,6 @@ def assert_trees_grew_through_tool_calls(trainer, executed):
     assert sum(e["tree/tool_calls"] for e in logs) < sum(e["tree/sequential_tool_calls"] for e in logs)
 
 
-def counting_calculator():
-    executed = []
-
-    def calculate(expression: str) -> str:
-        """
-        Evaluates one addition or subtraction of two integers.
-
-        Args:
-            expression: The operation to evaluate, for example "3 + 4" or "7 - 9".
-
-        Returns:
-            The result, as an integer.
-        """
-        executed.append(expression)
-        return calculator(expression)
-
-    return calculate, executed
-
-
 def test_colocate_trees_grow_through_tool_calls(tool_model, tmp_path):
     tool, executed = counting_calculator()
     trainer = TreePOTrainer(model=tool_model, reward_funcs=final_answer_reward,
@@ -386,11 +370,7 @@ def test_colocate_trees_grow_through_tool_calls(tool_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def tool_server(tool_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("tool-server") / "vllm_serve.log"
-    process, base_url = start_vllm_server(tool_model, log_path=log, max_model_len=1024)
-    yield base_url
-    process.terminate()
-    process.wait(timeout=60)
+    yield from serve(tool_model, tmp_path_factory, "tool-server")
 
 
 def test_server_trees_grow_through_tool_calls(tool_server, tool_model, tmp_path, monkeypatch):

@@ -315,6 +315,20 @@ def calculate(expression: str) -> str:
     return str(left + right if parts[1] == "+" else left - right)
 
 
+def counting_calculator():
+    """`calculate` as a tool that records each expression it is called with: `(tool, calls)`."""
+    import functools
+
+    calls = []
+
+    @functools.wraps(calculate)
+    def counted(expression: str) -> str:
+        calls.append(expression)
+        return calculate(expression)
+
+    return counted, calls
+
+
 def make_tool_dataset(size: int = 64, seed: int = 0, **task_config):
     """Conversational reasoning-gym `basic_arithmetic` problems (2–3 one-digit terms by default) to solve with the
     `calculate` tool: a `prompt` column with a system message naming the tool, and a `solution` column."""
