@@ -8,7 +8,7 @@
 #         --num_generations 8 --tree_segment_length 128 --tree_max_depth 4 --max_tool_calling_iterations 4
 #
 # Offline, on a CPU, with a tiny model warmed up to call the tool (about 5 minutes to build, then cached):
-#     python -c "from trl_treepo.testing import make_warm_model; make_warm_model('outputs/tool-model', warm='tool-calls', steps=300)"
+#     python -c "from trl_treepo.testing import make_warm_model as m; m('outputs/tool-model', warm='tool-calls', steps=300)"
 #     python examples/treepo_tools.py --model_name_or_path outputs/tool-model --output_dir outputs/treepo-tools \
 #         --use_cpu --num_generations 8 --per_device_train_batch_size 16 --tree_segment_length 32 \
 #         --tree_max_depth 6 --max_tool_calling_iterations 3 --max_steps 10 --logging_steps 1 --report_to none
@@ -18,8 +18,8 @@
 #
 # The dataset is reasoning-gym's `basic_arithmetic` with 2–3 one-digit terms, built offline. (The tiny offline model
 # calls the tool in the right format but rarely copies the numbers right, so its rewards start near 0.) The logs add,
-# per step, `tree/tool_calls` (calls run) against `tree/sequential_tool_calls` (calls that sequential rollouts of the same
-# leaves would have run) and `tree/tool_failures`.
+# per step, `tree/tool_calls` (calls run) against `tree/sequential_tool_calls` (calls that sequential rollouts of the
+# same leaves would have run) and `tree/tool_failures`.
 
 from dataclasses import dataclass, field
 
@@ -54,7 +54,7 @@ def final_answer(text: str) -> str | None:
 
 def answer_reward(completions, solution, **kwargs):
     """1.0 when the boxed answer of the conversation's last message is the solution."""
-    return [float(final_answer(completion[-1]["content"]) == answer) for completion, answer in zip(completions, solution)]
+    return [float(final_answer(messages[-1]["content"]) == answer) for messages, answer in zip(completions, solution)]
 
 
 class CalculatorEnv:

@@ -125,3 +125,89 @@ def test_without_fallback_rows_pad_short_prompts_with_marked_repeats(seed, width
     assert 1 <= len(leaves) <= width
     rows = rollout.rows(width)
     assert [padded for _, padded in rows] == [False] * len(leaves) + [True] * (width - len(leaves))
+
+
+CALL, RESULT = 6, 8
+
+
+class RandomTools:
+    """A `ToolRunner`: a turn holding CALL calls a tool whose result is 1–3 RESULT tokens. A state is the tuple of run
+    ids on the path."""
+
+    def __init__(self, seed):
+        import random
+
+        self.rng, self.runs = random.Random(seed), 0
+
+    def root_state(self, prompt_index):
+        return ()
+
+    def find_calls(self, prompt_index, context_ids, turn_ids):
+        return "call" if CALL in turn_ids else None
+
+    def run(self, prompt_index, state, calls):
+        from trl_treepo.sampling import ToolTurn
+
+        self.runs += 1
+        return ToolTurn([RESULT] * self.rng.randint(1, 3), calls=1, failures=0, state=(*state, self.runs))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    width=st.integers(1, 8),
+    branching=st.integers(1, 3),
+    segment_length=st.integers(2, 6),
+    depth=st.integers(1, 5),
+    call_rate=st.floats(0, 0.9),
+    eos_rate=st.floats(0, 0.6),
+    max_turns=st.sampled_from([None, 0, 1, 3]),
+    fallback=st.sampled_from(["random_cut", "restart"]),
+)
+def test_tree_invariants_with_tool_calls(seed, width, branching, segment_length, depth, call_rate, eos_rate, max_turns,
+                                         fallback):
+    params = TreeSamplingParams(width=width, segment_length=segment_length, max_depth=depth, branching_factor=branching,
+                                fallback_policy=fallback, answer_stop="none", repetition_window=0, eos_token_ids=(EOS,),
+                                seed=seed, max_tool_turns=max_turns)  # fmt: skip
+
+    def respond(request, branch, rng):
+        roll, length = rng.random(), request.max_tokens
+        if roll < call_rate:
+            return [1] * rng.randrange(min(length, 3)) + [CALL, EOS]
+        if roll < call_rate + eos_rate:
+            return [1] * rng.randrange(length) + [EOS]
+        return [1] * length
+
+    prompts = [[7, 7]]
+    engine = RecordingEngine(respond, seed)
+    tools = RandomTools(seed)
+    rollout = grow_trees(engine, prompts, params, decode, tools)
+    leaves = rollout.leaves[0]
+
+    assert len(leaves) == width  # exactly w leaves, with budget transfer and fallback through tool calls
+    for leaf in leaves:
+        ends = leaf.segment_ends
+        assert len(ends) == leaf.depth and ends[-1] == len(leaf.token_ids) <= params.max_response_length
+        mask = leaf.tool_mask or [1] * len(leaf.token_ids)
+        assert [t == RESULT for t in leaf.token_ids] == [m == 0 for m in mask]  # exactly the results are masked
+        assert max_turns is None or len(leaf.tool_turns) <= max_turns
+        for k, (segment, turn) in enumerate(leaf.tool_turns):
+            assert mask[ends[segment] - 1] == 0  # a tool turn's result ends its segment: children branch after it
+            assert turn.state[:-1] == (leaf.tool_turns[k - 1][1].state if k else ())  # its ancestors' state
+        for j, (start, end) in enumerate(leaf.segment_bounds(segment_length)):
+            own = [t for t, m in zip(leaf.token_ids[start:end], mask[start:end]) if m]
+            context = tuple(prompts[0] + leaf.token_ids[:start])
+            assert any(ctx == context and out[: len(own)] == tuple(own) for ctx, out in engine.produced)
+    for a in leaves:  # a shared node prefix means shared tokens, tool results included
+        for b in leaves:
+            shared = 0
+            while shared < min(a.depth, b.depth) and a.nodes[shared] == b.nodes[shared]:
+                shared += 1
+            if shared:
+                assert a.segment_ends[shared - 1] == b.segment_ends[shared - 1]
+                assert a.token_ids[: a.segment_ends[shared - 1]] == b.token_ids[: b.segment_ends[shared - 1]]
+    # every run call either lies on some leaf's path (shared by at least one) or was dropped at the token limit
+    dropped = sum(leaf.finish_reason.value == "tool_limit" for leaf in leaves) if max_turns is None else None
+    if dropped is not None:
+        assert rollout.stats.tool_calls - dropped <= rollout.stats.sequential_tool_calls
+    assert rollout.stats.tool_calls == tools.runs

@@ -196,6 +196,8 @@ BAD_VALUES = [
     (dict(tree_server_max_retries=-1), "tree_server_max_retries"),
     (dict(tree_rollout_timeout=0.0), "tree_rollout_timeout"),
     (dict(tree_packed_max_tokens=0), "tree_packed_max_tokens"),
+    (dict(tree_tool_timeout=0.0), "tree_tool_timeout"),
+    (dict(tree_environment_branching="fork"), "tree_environment_branching"),
 ]
 
 

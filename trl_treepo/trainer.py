@@ -262,9 +262,7 @@ class TreePOTrainer(GRPOTrainer):
         )
         if self.tools and self.environments is not None:
             # TRL hands `environments` to the reward functions (and `get_reward`): each row gets its leaf's instance.
-            self.environments = [
-                leaf.tool_state.instance for leaf in row_leaves
-            ]
+            self.environments = [leaf.tool_state.instance for leaf in row_leaves]
         completion_ids = [list(leaf.token_ids) for leaf, _ in rows]
         # TRL feeds sampling logprobs to vLLM importance sampling; the transformers path has none, as in TRL.
         logprobs = [leaf.logprobs for leaf, _ in rows] if self.use_vllm else None
@@ -302,7 +300,8 @@ class TreePOTrainer(GRPOTrainer):
         start = leaf.segment_ends[leaf.tool_turns[-1][0]] if leaf.tool_turns else 0
         if start < len(leaf.token_ids):
             prefix = list(prompt_ids) + leaf.token_ids[:start]
-            messages.append(grpo_trainer.parse_response(self._tokenizer, leaf.token_ids[start:], prefix=prefix, tools=schema))
+            final_turn = leaf.token_ids[start:]
+            messages.append(grpo_trainer.parse_response(self._tokenizer, final_turn, prefix=prefix, tools=schema))
         return messages
 
     def _unique_prompts(self, prompt_ids, num_generations):
@@ -424,9 +423,10 @@ class TreePOTrainer(GRPOTrainer):
             environment, factory, reset_kwargs, schema = None, None, {}, self.tools
             if self.environment_factories is not None:
                 name = self._batch_environments[row]
-                environment, factory, schema = self.environments[row], self.environment_factories[name], self._env_tools[name]
-                example = self._tree_inputs[row]
-                reset_kwargs = {k: v for k, v in example.items() if k != "environment"} if self._multi_environment else example
+                environment, factory = self.environments[row], self.environment_factories[name]
+                schema, reset_kwargs = self._env_tools[name], dict(self._tree_inputs[row])
+                if self._multi_environment:  # TRL's control field, not a `reset` argument
+                    reset_kwargs.pop("environment", None)
             prompts.append(PromptTools(list(self._standalone_tools), schema, environment, factory, reset_kwargs))
 
         def parse(ids, prefix, schema):
@@ -514,8 +514,8 @@ class TreePOTrainer(GRPOTrainer):
 
     def _log_truncation(self, output: dict, truncated: torch.Tensor) -> None:
         """TRL's truncation metrics, which `_generate` derived from "the last token is not EOS", from finish reasons."""
-        policy_mask = output["completion_mask"] * output["tool_mask"] if "tool_mask" in output else output["completion_mask"]
-        lengths = self.accelerator.gather(policy_mask.sum(dim=1)).float()  # TRL counts tool results out
+        policy_mask = output["completion_mask"] * output.get("tool_mask", 1)  # TRL counts tool results out
+        lengths = self.accelerator.gather(policy_mask.sum(dim=1)).float()
         terminated = lengths[~truncated] if not truncated.all() else torch.zeros(1, device=lengths.device)
         metrics = self._metrics["train"]
         metrics["completions/clipped_ratio"][-1] = truncated.float().mean().item()
