@@ -193,17 +193,29 @@ def test_tool_failures_are_reported_as_trl_reports_them():
     assert runner.find_calls(0, [], [1, 2]) is None  # no call (a malformed one parses as text): the path ends
 
 
-def test_a_hanging_tool_is_bounded_by_the_timeout():
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_hanging_tool_is_bounded_by_the_timeout(kind):
+    import asyncio
+
     release = threading.Event()
 
     def calculate(expression: str) -> str:
         release.wait(30)
         return "late"
 
-    runner = executor(calculate, timeout=0.2)
+    async def async_calculate(expression: str) -> str:
+        await asyncio.sleep(30)
+        return "late"
+
+    async_calculate.__name__ = "calculate"
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    runner = executor(calculate if kind == "sync" else async_calculate, timeout=0.2)
+    runner.async_loop = loop
     started = time.monotonic()
     turn = runner.run(0, None, runner.find_calls(0, [], [7]))
     release.set()
+    loop.call_soon_threadsafe(loop.stop)
     assert time.monotonic() - started < 5
     assert turn.failures == 1 and "timed out after 0.2 s" in turn.record.tool_messages[0]["content"]
     assert runner.timeouts == 1
@@ -449,3 +461,43 @@ def test_transformers_backend_grows_trees_through_real_tool_calls(tool_model, tm
         assert entry["tree/tool_calls"] <= entry["tree/sequential_tool_calls"]
     # sharing: over both steps, fewer executions than sequential rollouts of the same leaves would run
     assert sum(e["tree/tool_calls"] for e in logs) < sum(e["tree/sequential_tool_calls"] for e in logs)
+
+
+def test_malformed_calls_end_the_path_and_async_tools_run_on_trls_event_loop(tiny_model, tmp_path, scripted_turns):
+    install, _ = scripted_turns
+    executed = []
+
+    async def calculate(expression: str) -> str:
+        """
+        Evaluates one addition or subtraction of two integers.
+
+        Args:
+            expression: The operation to evaluate.
+        """
+        executed.append(expression)
+        return str(eval(expression))  # a test tool on scripted input
+
+    def respond(seen, branch):
+        if "<tool_response>" in seen:
+            return "The final answer is \\boxed{7}."
+        if branch == 0:
+            return '<tool_call>\n{"name": "calculate", "arguments": {</tool_call>'  # malformed: plain text to TRL
+        return call_text("3 + 4")
+
+    install(respond)
+    seen = {}
+
+    def reward(completions, **kwargs):
+        seen["completions"] = completions
+        return [0.0] * len(completions)
+
+    trainer = tool_trainer(tiny_model, tmp_path, reward_funcs=reward, tools=[calculate])
+    trainer.train()
+    log = trainer.state.log_history[0]
+    # each prompt forks twice at the root: branch 0 writes a malformed call (a leaf), branch 1 a real one
+    assert executed == ["3 + 4", "3 + 4"] and log["tree/tool_calls"] == 2 and log["tools/failure_frequency"] == 0
+    conversations = seen["completions"]
+    malformed = [c for c in conversations if len(c) == 1]
+    assert malformed and all("tool_call" not in c[0] or not c[0]["tool_calls"] for c in malformed)
+    assert all(c[0]["content"].startswith("\n{") or "arguments" in c[0]["content"] for c in malformed)
+    assert all([m["role"] for m in c] == ["assistant", "tool", "assistant"] for c in conversations if len(c) > 1)
