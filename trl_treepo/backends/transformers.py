@@ -228,9 +228,13 @@ class TransformersSegmentEngine:
             generation_config=config,
             logits_processor=processors,
         )
+        # A bare tensor is what `generate` returns when something (a test's stand-in, a wrapper) ignores
+        # `return_dict_in_generate`: the sequences, without a cache to keep.
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        past_key_values = None if isinstance(output, torch.Tensor) else output.past_key_values
         prompt_width = input_ids.size(1)
-        new_tokens = output.sequences[:, prompt_width:]
-        logprobs = recorder.collect(output.sequences[:, -1]).cpu() if recorder else None
+        new_tokens = sequences[:, prompt_width:]
+        logprobs = recorder.collect(sequences[:, -1]).cpu() if recorder else None
         new_tokens_cpu = new_tokens.cpu().tolist()
 
         results: list[list[SegmentOutput]] = [[] for _ in requests]
@@ -245,7 +249,7 @@ class TransformersSegmentEngine:
             if stop is None and len(ids) == max_new_tokens:
                 continuable[tuple(requests[source].token_ids) + tuple(ids)] = row
 
-        if self.reuse_kv_cache and continuable and output.past_key_values is not None:
+        if self.reuse_kv_cache and continuable and past_key_values is not None:
             full_mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)
-            self._kept = (output.sequences, full_mask, output.past_key_values, continuable)
+            self._kept = (sequences, full_mask, past_key_values, continuable)
         return results
