@@ -530,7 +530,8 @@ class GRPODifference:
 GRPO_DIFFERENCES = (
     GRPODifference(
         "`max_completion_length`", "512; any value", "`tree_segment_length × tree_max_depth` (paper: 7168); other "
-        "values raise", "A trajectory is at most d segments of l tokens, with segment boundaries at multiples of l.",
+        "values raise", "A trajectory is at most d segments of l tokens, with segment boundaries at multiples of l "
+        "(with tools, a segment also ends at a tool call, and tool results count towards the limit, as in TRL).",
     ),
     GRPODifference(
         "`epsilon_high`", "`None` (= `epsilon`)", "0.28", "The paper's DAPO clip-higher (ε_low 0.2, ε_high 0.28).",
