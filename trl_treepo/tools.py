@@ -150,8 +150,7 @@ class ToolExecutor:
         self.timeout = timeout
         self.environment_branching = environment_branching
         self.async_loop = async_loop
-        self.replayed_calls = 0  # calls run again to rebuild environments ("replay")
-        self.timeouts = 0
+        self.timeouts = 0  # calls that ran past `timeout`
 
     # ------------------------------------------------------------------------------------------------ ToolRunner
 
@@ -229,7 +228,6 @@ class ToolExecutor:
         for call, failed in state.history:
             if call["name"] not in methods:  # a standalone tool, or one TRL reported as "not found": no env state
                 continue
-            self.replayed_calls += 1
             try:
                 call_with_timeout(methods[call["name"]], call["arguments"], self.timeout, self.async_loop)
             except Exception as error:

@@ -413,6 +413,12 @@ class TreePOTrainer(GRPOTrainer):
             rollout = colocate_rollout(self.vllm_generation, roots, params, self._tokenizer.decode, tools)
         else:
             rollout = self._grow_trees_with_transformers(roots, params, tools)
+        if tools is not None and tools.timeouts:
+            logger.warning(
+                f"{tools.timeouts} tool call(s) ran past tree_tool_timeout ({self.args.tree_tool_timeout} s) in this "
+                "rollout; they count as failed calls and their result is an error message. Raise tree_tool_timeout if "
+                "the tool is slow rather than hung."
+            )
         return rollout.rows(num_generations), rollout.stats, (self.accelerator.process_index, rollout_id)
 
     def _tool_executor(self, num_roots: int, num_generations: int) -> ToolExecutor:
