@@ -427,7 +427,9 @@ class TreePOConfig(GRPOConfig):
         if self.tree_rollout_timeout is not None and self.tree_rollout_timeout <= 0:
             raise ValueError(f"tree_rollout_timeout must be positive seconds, got {self.tree_rollout_timeout}.")
         if self.tree_tool_timeout is not None and self.tree_tool_timeout <= 0:
-            raise ValueError(f"tree_tool_timeout must be positive seconds or None (no limit), got {self.tree_tool_timeout}.")
+            raise ValueError(
+                f"tree_tool_timeout must be positive seconds or None (no limit), got {self.tree_tool_timeout}."
+            )
         if self.tree_environment_branching not in ENVIRONMENT_BRANCHING:
             raise ValueError(
                 f"Unknown tree_environment_branching {self.tree_environment_branching!r}. Choose one of: "

@@ -8,8 +8,8 @@ serves from cache instead of recomputing (TreePO's KV reuse, spec §3).
   trees (same seed, same engine outputs) and keeps its share.
 - Server: the main process gathers every prompt, grows all trees against `vllm serve` over HTTP, and broadcasts the
   leaves. With tools, each process grows its own trees against the server instead, since a tool call runs where its
-  example's environment lives. The object collectives run on a dedicated Gloo group whose timeout is configurable, so that a rollout of
-  many levels does not trip the NCCL watchdog (ms-swift#10065).
+  example's environment lives. The object collectives run on a dedicated Gloo group whose timeout is configurable,
+  so that a rollout of many levels does not trip the NCCL watchdog (ms-swift#10065).
 """
 
 from __future__ import annotations
@@ -294,11 +294,13 @@ def local_server_rollout(
     A failure on any process is raised on every process, instead of leaving the others waiting in the next collective.
     """
     rollout, failure = None, None
+    engine = _server_engine(vllm_generation, request_timeout, max_retries)
     try:
-        rollout = grow_trees(_server_engine(vllm_generation, request_timeout, max_retries), roots, params, decode, tools)
+        rollout = grow_trees(engine, roots, params, decode, tools)
     except Exception as error:
         failure = error
-    failures = [f for f in rollout_group.gather(None if failure is None else f"{type(failure).__name__}: {failure}") if f]
+    described = None if failure is None else f"{type(failure).__name__}: {failure}"
+    failures = [other for other in rollout_group.gather(described) if other]
     if failure is not None:
         raise failure
     if failures:
