@@ -1,11 +1,11 @@
 """Agentic trees: tool calls inside tree rollouts (multi-turn), from the pure sampler to the trainer.
 
 The sampler is driven by a scripted engine and a scripted `ToolRunner`; the trainer by scripted segments through
-the real `ToolExecutor`, TRL's tool parsing and suffix tokenisation, rewards and loss. tests/test_vllm.py and the
-last test here run the same through real engines with a tiny model SFT-warmed to call the calculator.
+the real `ToolExecutor`, TRL's tool parsing and suffix tokenisation, rewards and loss. tests/test_vllm.py and
+`test_transformers_backend_grows_trees_through_real_tool_calls` run the same through real engines, with a tiny model
+SFT-warmed to call the calculator.
 """
 
-import copy
 import threading
 import time
 
@@ -234,8 +234,6 @@ def call_text(expression):
 def scripted_turns(tiny_model, monkeypatch):
     """Script the model's turns by the text it has seen: `install(respond)`, `respond(seen_text, branch) -> text`
     (EOS is appended). The tools, their parsing and everything after run for real."""
-    from trl_treepo.testing import ScriptedEngine
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
