@@ -827,7 +827,8 @@ class TreePOTrainer(GRPOTrainer):
             sum(len(kids) for kids in children.values()) / max(len(children), 1)
         )
         for reason, count in zip(FinishReason, totals[8:]):
-            metrics[f"tree/finish_reason/{reason.value}"].append(count / max(num_leaves, 1))
+            if reason is not FinishReason.TOOL_LIMIT or self.tools:
+                metrics[f"tree/finish_reason/{reason.value}"].append(count / max(num_leaves, 1))
         if self.tools:
             # The saving: tool calls run once per tree node, against once per leaf in sequential rollouts of the same
             # trajectories.
