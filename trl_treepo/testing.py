@@ -233,9 +233,9 @@ SYSTEM_PROMPT = (
 )
 
 
-def worked_steps(expression: str) -> str | None:
-    """Left-to-right partial results of a `basic_arithmetic` sum without parentheses: "4 - 1 - 7" gives
-    "4 - 1 = 3, 3 - 7 = -4." (None for other expressions)."""
+def left_to_right(expression: str) -> list[tuple[str, int]] | None:
+    """The operations of a `basic_arithmetic` sum without parentheses, left to right, each with its partial result:
+    "4 - 1 - 7" gives [("4 - 1", 3), ("3 - 7", -4)] (None for other expressions)."""
     parts = expression.split()
     if len(parts) < 3 or len(parts) % 2 == 0 or any(op not in "+-" for op in parts[1::2]):
         return None
@@ -244,11 +244,18 @@ def worked_steps(expression: str) -> str | None:
         steps = []
         for op, term in zip(parts[1::2], parts[2::2]):
             result = value + int(term) if op == "+" else value - int(term)
-            steps.append(f"{value} {op} {term} = {result}")
+            steps.append((f"{value} {op} {term}", result))
             value = result
     except ValueError:
         return None
-    return ", ".join(steps) + "."
+    return steps
+
+
+def worked_steps(expression: str) -> str | None:
+    """Left-to-right partial results of a `basic_arithmetic` sum without parentheses: "4 - 1 - 7" gives
+    "4 - 1 = 3, 3 - 7 = -4." (None for other expressions)."""
+    steps = left_to_right(expression)
+    return None if steps is None else ", ".join(f"{operation} = {result}" for operation, result in steps) + "."
 
 
 def make_math_dataset(
@@ -360,20 +367,19 @@ def final_answer_reward(completions, solution, **kwargs) -> list[float]:
 
 
 def tool_transcript(expression: str) -> list[dict] | None:
-    """The assistant/tool messages that solve `expression` left to right with `calculate`, one call per operation."""
-    parts = expression.split()
-    if len(parts) < 3 or len(parts) % 2 == 0:
+    """The assistant/tool messages that solve `expression` left to right with `calculate`, one call per operation
+    (None for expressions `left_to_right` does not take)."""
+    steps = left_to_right(expression)
+    if steps is None:
         return None
-    messages, value = [], parts[0]
-    for op, term in zip(parts[1::2], parts[2::2]):
-        operation = f"{value} {op} {term}"
+    messages = []
+    for operation, result in steps:
         call = {"type": "function", "function": {"name": "calculate", "arguments": {"expression": operation}}}
-        value = calculate(operation)
         messages += [
             {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "name": "calculate", "content": value},
+            {"role": "tool", "name": "calculate", "content": str(result)},
         ]
-    messages.append({"role": "assistant", "content": f"The final answer is \\boxed{{{value}}}."})
+    messages.append({"role": "assistant", "content": f"The final answer is \\boxed{{{steps[-1][1]}}}."})
     return messages
 
 
