@@ -105,10 +105,18 @@ class _TreeBatch:
 
     paths: list[tuple]
     padded: list[bool]  # rows that repeat a leaf to fill a prompt short of w leaves (fallback "none"); never trained
-    truncated: list[bool]  # stopped by the length limit; answer, repetition and stop-string stops are finished
-    leaves: list[Leaf | None]
-    stats: RolloutStats
     row_leaves: list[Leaf]  # every row's leaf, padding rows included
+    stats: RolloutStats
+
+    @property
+    def leaves(self) -> list[Leaf | None]:
+        """Each row's leaf, None for padding rows."""
+        return [None if padded else leaf for leaf, padded in zip(self.row_leaves, self.padded)]
+
+    @property
+    def truncated(self) -> list[bool]:
+        """Rows the length limit stopped; answer, repetition and stop-string stops are finished."""
+        return [leaf.finish_reason is FinishReason.LENGTH for leaf in self.row_leaves]
 
 
 class TreePOTrainer(GRPOTrainer):
@@ -254,12 +262,8 @@ class TreePOTrainer(GRPOTrainer):
             else ((rollout_key, leaf.prompt_index), *leaf.nodes)
             for i, (leaf, padded) in enumerate(rows)
         ]
-        padded = [padded for _, padded in rows]
-        truncated = [leaf.finish_reason is FinishReason.LENGTH for leaf, _ in rows]
         row_leaves = [leaf for leaf, _ in rows]
-        self._tree_batch = _TreeBatch(
-            paths, padded, truncated, [None if p else leaf for leaf, p in rows], stats, row_leaves
-        )
+        self._tree_batch = _TreeBatch(paths, [padded for _, padded in rows], row_leaves, stats)
         if self.tools and self.environments is not None:
             # TRL hands `environments` to the reward functions (and `get_reward`): each row gets its leaf's instance.
             self.environments = [leaf.tool_state.instance for leaf in row_leaves]
@@ -277,12 +281,9 @@ class TreePOTrainer(GRPOTrainer):
             return super()._tool_call_loop(
                 prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields
             )
-        if self.environment_factories is not None:
-            schemas = [self._env_tools[name] for name in self._batch_environments]
-        else:
-            schemas = [self.tools] * len(prompt_ids)
         completions = [
-            self._conversation(leaf, prompt_ids[row], schemas[row]) for row, leaf in enumerate(batch.row_leaves)
+            self._conversation(leaf, prompt_ids[row], self._tool_schema(row))
+            for row, leaf in enumerate(batch.row_leaves)
         ]
         tool_mask = [
             [1] * len(leaf.token_ids) if leaf.tool_mask is None else list(leaf.tool_mask) for leaf in batch.row_leaves
@@ -290,6 +291,12 @@ class TreePOTrainer(GRPOTrainer):
         no_images = [[] for _ in completion_ids]
         stats = batch.stats
         return tool_mask, completions, completion_ids, logprobs, stats.tool_calls, stats.tool_failures, no_images
+
+    def _tool_schema(self, row: int) -> list:
+        """The tools row `row`'s prompt was rendered with, as TRL chooses them: its environment's, or every tool."""
+        if self.environment_factories is not None:
+            return self._env_tools[self._batch_environments[row]]
+        return self.tools
 
     def _conversation(self, leaf: Leaf, prompt_ids: list[int], schema) -> list[dict]:
         """A leaf's messages as TRL's tool loop builds them: each tool turn's assistant and tool messages, then the
@@ -426,14 +433,16 @@ class TreePOTrainer(GRPOTrainer):
         prompts = []
         for root in range(num_roots):
             row = root * num_generations
-            environment, factory, reset_kwargs, schema = None, None, {}, self.tools
+            environment, factory, reset_kwargs = None, None, {}
             if self.environment_factories is not None:
                 name = self._batch_environments[row]
                 environment, factory = self.environments[row], self.environment_factories[name]
-                schema, reset_kwargs = self._env_tools[name], dict(self._tree_inputs[row])
+                reset_kwargs = dict(self._tree_inputs[row])
                 if self._multi_environment:  # TRL's control field, not a `reset` argument
                     reset_kwargs.pop("environment", None)
-            prompts.append(PromptTools(list(self._standalone_tools), schema, environment, factory, reset_kwargs))
+            prompts.append(
+                PromptTools(list(self._standalone_tools), self._tool_schema(row), environment, factory, reset_kwargs)
+            )
 
         def parse(ids, prefix, schema):
             return grpo_trainer.parse_response(self._tokenizer, ids, prefix=prefix, tools=schema)
