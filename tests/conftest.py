@@ -34,7 +34,7 @@ def scripted_rollouts(tiny_model, monkeypatch):
     loss) runs on the real model."""
     from transformers import AutoTokenizer
 
-    import trl_treepo.trainer as trainer_module
+    import trl_treepo.trainer.rollouts as rollouts_module
     from trl_treepo.testing import ScriptedEngine
     from trl_treepo.tree import grow_trees
 
@@ -49,6 +49,6 @@ def scripted_rollouts(tiny_model, monkeypatch):
             script = ScriptedEngine(lambda request, branch, rng: respond(encode, eos, request, branch), eos)
             return grow_trees(script, roots, params, decode, tools)
 
-        monkeypatch.setattr(trainer_module, "grow_trees", scripted_grow_trees)
+        monkeypatch.setattr(rollouts_module, "grow_trees", scripted_grow_trees)
 
     return install

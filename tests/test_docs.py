@@ -53,15 +53,20 @@ def test_the_documented_server_command_is_the_one_the_code_and_tests_use():
                 assert page.name == "vllm.md" and "short form" in line, f"{page.name}: {line}"
 
 
+def _source(path: Path) -> str:
+    """A script's source, or a package's: every module in it."""
+    return "\n".join(p.read_text() for p in sorted(path.rglob("*.py"))) if path.is_dir() else path.read_text()
+
+
 def test_every_option_the_docs_give_a_script_exists():
     scripts = {"examples/demo.py": "examples/demo.py", "trl_treepo.learning": "trl_treepo/learning.py",
-               "trl_treepo.benchmark": "trl_treepo/benchmark.py"}  # fmt: skip
+               "trl_treepo.benchmark": "trl_treepo/benchmark"}  # fmt: skip
     checked = 0
     for page in [DOCS.parent / "README.md", *DOCS.glob("*.md")]:
         for command in re.findall(r"^(?:python|make)[^\n]*(?:\\\n[^\n]*)*", page.read_text(), re.M):
             for name, path in scripts.items():
                 if name in command:
-                    source = (DOCS.parent / path).read_text()
+                    source = _source(DOCS.parent / path)
                     for option in re.findall(r"(?<![\w-])--\w[\w-]*", command):
                         checked += 1
                         assert f'"{option}"' in source, f"{page.name}: {path} has no option {option}"

@@ -270,7 +270,7 @@ def test_packed_training_trains_and_logs_its_sharing(tiny_model, tmp_path, overr
     trainer, logs, changed, _ = train(tiny_model, tmp_path, max_steps=2, tree_packed_training=True,
                                       trainer_kwargs=lora() if trainer_kwargs == "lora" else None,
                                       **overrides)  # fmt: skip
-    assert changed and trainer._packing_verified
+    assert changed and trainer._packed_forward.verified
     assert all(0 < entry["tree/packed_token_ratio"] < 1 for entry in logs)
 
 
@@ -316,7 +316,7 @@ def test_the_first_use_self_check_turns_packing_off_when_it_is_not_exact(tmp_pat
     model = make_tiny_model(tmp_path_factory.mktemp("gpt2"), family="gpt2")
     with caplog.at_level(logging.WARNING, logger="trl_treepo.trainer"):
         trainer, logs, changed, _ = train(model, tmp_path, max_steps=2, tree_packed_training=True)
-    assert changed and trainer._packing_verified is False
+    assert changed and trainer._packed_forward.verified is False
     assert all("tree/packed_token_ratio" not in entry for entry in logs)
     (warning,) = [r.getMessage() for r in caplog.records if "tree_packed_training is off" in r.getMessage()]
     assert "differ from the unpacked ones by up to" in warning

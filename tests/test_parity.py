@@ -109,13 +109,13 @@ def test_answer_and_repetition_stops_train_and_are_not_counted_as_clipped(
                            mask_truncated_completions=mask_truncated, tree_filter_zero_std_prompts=False,
                            max_steps=1)  # fmt: skip
     captured = {}
-    original = trainer._replace_advantages
+    original = trainer._advantage_step.replace_advantages
 
     def spy(output, batch, paths, truncated):
         original(output, batch, paths, truncated)
         captured["leaves"], captured["mask"] = batch.leaves, output["completion_mask"] * output.get("tool_mask", 1)
 
-    trainer._replace_advantages = spy
+    trainer._advantage_step.replace_advantages = spy
     trainer.train()
     reasons = [leaf.finish_reason.value for leaf in captured["leaves"]]
     assert sorted(reasons[:8]) == ["answer"] * 2 + ["length"] * 4 + ["repetition"] * 2

@@ -108,8 +108,8 @@ def test_a_prompt_beyond_the_model_context_warns_once(tiny_model, tmp_path, capl
     trainer = make_trainer(tiny_model, tmp_path, max_steps=1)
     limit = trainer.model.config.max_position_embeddings
     with caplog.at_level("WARNING", logger="trl_treepo.trainer"):
-        trainer._check_prompts([[1] * limit, [1, 2]])
-        trainer._check_prompts([[1] * limit])
+        trainer._rollouts.check_prompts([[1] * limit, [1, 2]])
+        trainer._rollouts.check_prompts([[1] * limit])
     warnings = [r for r in caplog.records if "max_position_embeddings" in r.getMessage()]
     assert len(warnings) == 1 and str(limit) in warnings[0].getMessage()
 

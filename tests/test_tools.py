@@ -13,8 +13,9 @@ import pytest
 import torch
 from test_trainer import tiny_args
 from transformers import AutoTokenizer
+from trl import GRPOTrainer
 
-import trl_treepo.trainer as trainer_module
+import trl_treepo.trainer.rollouts as rollouts_module
 from trl_treepo import TreePOTrainer
 from trl_treepo.sampling import ToolTurn, TreeSamplingParams
 from trl_treepo.testing import ScriptedEngine, calculate, counting_calculator, make_tool_dataset
@@ -245,7 +246,7 @@ def scripted_turns(tiny_model, monkeypatch):
 
             return grow_trees(ScriptedEngine(segment, eos), roots, params, decode, tools)
 
-        monkeypatch.setattr(trainer_module, "grow_trees", scripted_grow_trees)
+        monkeypatch.setattr(rollouts_module, "grow_trees", scripted_grow_trees)
 
     return install, tokenizer
 
@@ -261,13 +262,13 @@ def tool_trainer(tiny_model, tmp_path, reward_funcs=final_answer, **kwargs):
 def capture_batches(trainer):
     """(output, tree batch) of each step's advantage step, after it ran."""
     batches = []
-    original = trainer._replace_advantages
+    original = trainer._advantage_step.replace_advantages
 
     def spy(output, batch, paths, truncated):
         original(output, batch, paths, truncated)
         batches.append(({key: value for key, value in output.items()}, batch))
 
-    trainer._replace_advantages = spy
+    trainer._advantage_step.replace_advantages = spy
     return batches
 
 
@@ -312,7 +313,7 @@ def test_trainer_runs_tools_once_per_node_masks_results_and_scores_whole_convers
     assert [m["role"] for m in conversation] == ["assistant", "tool", "assistant"]
     assert conversation[0]["tool_calls"][0]["function"] == {"name": "calculate", "arguments": {"expression": "3 + 4"}}
     assert conversation[1]["content"] == "7"
-    rewards = trainer._rewards_per_func[:, 0]
+    rewards = trainer._advantage_step.rewards_per_func[:, 0]
     assert sorted(rewards.tolist()) == [0.0] * 4 + [1.0] * 4  # scored on the last message, per leaf
     assert log["rewards/final_answer_spy/mean"] == pytest.approx(0.5)
 
@@ -369,7 +370,7 @@ def test_each_path_owns_its_environment(tiny_model, tmp_path, scripted_turns, br
     batches = capture_batches(trainer)
     trainer.train()
     _, batch = batches[0]
-    rewards = trainer._rewards_per_func[:, 0].tolist()  # CounterEnv.get_reward of each row's environment
+    rewards = trainer._advantage_step.rewards_per_func[:, 0].tolist()  # CounterEnv.get_reward of each row's environment
     for leaf, reward in zip(batch.row_leaves, rewards):
         # a leaf's environment saw exactly the calls on its own path: 1, or 1 then 10
         assert reward == (11.0 if len(leaf.tool_turns) == 2 else 1.0)
@@ -426,7 +427,7 @@ def test_sequential_evaluation_keeps_trls_tool_loop(tiny_model, tmp_path, script
     install(two_turn_env_script)
     trainer = tool_trainer(tiny_model, tmp_path, tools=[calculate], args=dict(tree_sampling=False))
     called = []
-    original = trainer_module.GRPOTrainer._tool_call_loop
+    original = GRPOTrainer._tool_call_loop
 
     def spy(self, *args):
         called.append(True)

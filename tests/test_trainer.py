@@ -57,9 +57,9 @@ def train(tiny_model, tmp_path, dataset=None, reward_funcs=reward_length, traine
 
 
 def record_batches(trainer):
-    """Capture what each training step's advantage step saw and produced (the spy replaces `_replace_advantages`)."""
+    """Capture what each training step's advantage step saw and produced (the spy replaces `AdvantageStep.replace_advantages`)."""
     batches = []
-    original = trainer._replace_advantages
+    original = trainer._advantage_step.replace_advantages
 
     def spy(output, batch, paths, truncated):
         original(output, batch, paths, truncated)
@@ -67,7 +67,7 @@ def record_batches(trainer):
             dict(
                 paths=list(paths),
                 local_paths=list(batch.paths),
-                rewards_per_func=trainer._rewards_per_func.clone(),
+                rewards_per_func=trainer._advantage_step.rewards_per_func.clone(),
                 prompt_ids=output["prompt_ids"].clone(),
                 prompt_mask=output["prompt_mask"].clone(),
                 completion_ids=output["completion_ids"].clone(),
@@ -76,7 +76,7 @@ def record_batches(trainer):
             )
         )
 
-    trainer._replace_advantages = spy
+    trainer._advantage_step.replace_advantages = spy
     return batches
 
 

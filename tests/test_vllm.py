@@ -142,9 +142,9 @@ def test_colocate_stop_strings_end_leaves(colocate_run, tiny_model):
 def test_colocate_rejects_a_prompt_the_engine_cannot_hold(colocate_run):
     trainer, _, _ = colocate_run
     room = 1024 - trainer.args.max_completion_length  # vllm_max_model_length minus the completion budget
-    trainer._check_prompts([[1] * room, [1, 2]])  # fits exactly
+    trainer._rollouts.check_prompts([[1] * room, [1, 2]])  # fits exactly
     with pytest.raises(ValueError, match=r"A prompt of 961 tokens plus max_completion_length \(64\) needs 1025"):
-        trainer._check_prompts([[1] * (room + 1), [1, 2]])
+        trainer._rollouts.check_prompts([[1] * (room + 1), [1, 2]])
 
 
 # ------------------------------------------------------------------------------------------------------ server

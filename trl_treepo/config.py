@@ -366,6 +366,13 @@ class TreePOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        self._check_tree_shape()
+        self._check_tree_knobs()
+        super().__post_init__()
+        self._check_with_grpo_settings()
+
+    def _check_tree_shape(self) -> None:
+        """l, d and b, and the completion budget they imply (derived when unset)."""
         for name in ("tree_segment_length", "tree_max_depth", "tree_branching_factor"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -380,6 +387,9 @@ class TreePOConfig(GRPOConfig):
                 "trajectory is at most d segments of l tokens. Leave max_completion_length unset (None) to derive "
                 f"it, or pick tree_max_depth/tree_segment_length whose product is {self.max_completion_length}."
             )
+
+    def _check_tree_knobs(self) -> None:
+        """Every other `tree_*` knob, each with an error that names the field and the fix."""
         for name, choices in (
             ("tree_divergence_policy", DIVERGENCE_POLICIES),
             ("tree_fallback_policy", FALLBACK_POLICIES),
@@ -443,8 +453,8 @@ class TreePOConfig(GRPOConfig):
                 "by level. Unset it, or set tree_sampling=False."
             )
 
-        super().__post_init__()
-
+    def _check_with_grpo_settings(self) -> None:
+        """Tree settings against GRPOConfig's, once GRPOConfig has resolved its own (e.g. `steps_per_generation`)."""
         uses_tree_estimator = self.tree_sampling and self.tree_advantage_estimator != "grpo"
         if uses_tree_estimator and self.scale_rewards != "group":
             raise ValueError(

@@ -239,6 +239,19 @@ def _split_rows(prompt: list[int], rows: list[int], completions: dict[int, list[
     return tries
 
 
+def _next_fit(tries: list[_Trie], budget: float) -> list[list[_Trie]]:
+    """Tries placed in sequences of at most `budget` tokens, next fit: a prompt's tries stay together, in order."""
+    placed: list[list[_Trie]] = [[]]
+    used = 0
+    for trie in tries:
+        if placed[-1] and used + len(trie.tokens) > budget:
+            placed.append([])
+            used = 0
+        placed[-1].append(trie)
+        used += len(trie.tokens)
+    return placed
+
+
 def pack_rows(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -277,14 +290,7 @@ def pack_rows(
 
     budget = max_tokens or float("inf")
     tries = [trie for prompt, rows in groups.items() for trie in _split_rows(list(prompt), rows, completions, budget)]
-    placed: list[list[_Trie]] = [[]]
-    used = 0
-    for trie in tries:  # next fit: keeps a prompt's tries together, in order
-        if placed[-1] and used + len(trie.tokens) > budget:
-            placed.append([])
-            used = 0
-        placed[-1].append(trie)
-        used += len(trie.tokens)
+    placed = _next_fit(tries, budget)
 
     device = input_ids.device
     sequences = []

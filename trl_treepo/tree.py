@@ -419,24 +419,41 @@ def grow_trees(
         return TreeRollout(leaves=[])
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("Every prompt must hold at least one token; got an empty prompt.")
-    decode = decode or _no_text
-    rng = random.Random(params.seed)
-    eos_token_ids = frozenset(params.eos_token_ids)
-    stats = RolloutStats()
-    done: list[list[Leaf]] = [[] for _ in prompts]
-    next_node = 0
-
-    root_states = [tools.root_state(i) if tools is not None else None for i in range(len(prompts))]
+    rollout = _Rollout(prompts, params, decode or _no_text, tools)
     frontier: list[tuple[_Path, int]] = []
     for prompt_index in range(len(prompts)):
-        fork = min(params.width, rng.randint(*params.first_divergence_range))
-        frontier.append((_Path(prompt_index, (), [], [], "", tool_state=root_states[prompt_index]), fork))
-
+        fork = min(params.width, rollout.rng.randint(*params.first_divergence_range))
+        frontier.append((_Path(prompt_index, (), [], [], "", tool_state=rollout.root_states[prompt_index]), fork))
     while frontier:
+        live, stopped_now = rollout.decode_level(engine, frontier)
+        frontier = rollout.branch(live, stopped_now)
+    stats, done = rollout.stats, rollout.done
+    stats.leaf_tokens = sum(leaf.policy_tokens for leaves in done for leaf in leaves)
+    stats.sequential_tool_calls = sum(leaf.tool_calls for leaves in done for leaf in leaves)
+    return TreeRollout(leaves=done, stats=stats)
+
+
+class _Rollout:
+    """The state of one rollout between levels (leaves so far, node ids, counters, the sampler's random draws), and
+    the two halves of a level: decode every frontier path's next segment (§2.1, §2.3), then branch (§2.4, §2.5)."""
+
+    def __init__(self, prompts, params: TreeSamplingParams, decode: Decode, tools: ToolRunner | None):
+        self.prompts, self.params, self.decode_text, self.tools = prompts, params, decode, tools
+        self.rng = random.Random(params.seed)
+        self.eos_token_ids = frozenset(params.eos_token_ids)
+        self.stats = RolloutStats()
+        self.done: list[list[Leaf]] = [[] for _ in prompts]
+        self.next_node = 0
+        self.root_states = [tools.root_state(i) if tools is not None else None for i in range(len(prompts))]
+
+    def decode_level(self, engine: SegmentEngine, frontier: list[tuple[_Path, int]]):
+        """One engine call for the whole level; each new segment classified. Returns the live paths per prompt and
+        how many of each prompt's paths stopped at this level."""
+        params, stats = self.params, self.stats
         requests = []
         for path, copies in frontier:
             max_tokens = min(params.segment_length, params.max_response_length - len(path.token_ids))
-            requests.append(SegmentRequest(list(prompts[path.prompt_index]) + path.token_ids, copies, max_tokens))
+            requests.append(SegmentRequest(list(self.prompts[path.prompt_index]) + path.token_ids, copies, max_tokens))
         outputs = engine.generate(requests)
         if len(outputs) != len(requests) or any(len(o) != r.num_branches for o, r in zip(outputs, requests)):
             raise RuntimeError(
@@ -452,62 +469,64 @@ def grow_trees(
         stopped_now = Counter()
         for (parent, _), request, branch_outputs in zip(frontier, requests, outputs):
             for output in branch_outputs:
-                stats.decoded_tokens += len(output.token_ids)
-                segment, segment_logprobs, ended = _trim_at_eos(output, eos_token_ids, request.max_tokens)
-                segment_text = decode(segment) if segment else ""
-                if params.stop_strings and segment:
-                    keep = _stop_string_cut(parent.text, segment, segment_text, params.stop_strings, decode)
-                    if keep is not None:
-                        segment = segment[:keep]
-                        segment_logprobs = None if segment_logprobs is None else segment_logprobs[:keep]
-                        segment_text, ended = decode(segment), True
-                child = _Path(
-                    parent.prompt_index,
-                    parent.nodes + (next_node,),
-                    parent.token_ids + segment,
-                    None
-                    if parent.logprobs is None or segment_logprobs is None
-                    else parent.logprobs + segment_logprobs,
-                    parent.text + segment_text,
-                    parent.from_fallback,
-                    (*parent.segment_ends, len(parent.token_ids) + len(segment)),
-                    None if parent.tool_mask is None else parent.tool_mask + [1] * len(segment),
-                    parent.tool_turns,
-                    parent.tool_state,
-                )
-                next_node += 1
-                reason = classify_segment(child, segment, segment_text, ended, params)
-                if tools is not None and ended and reason in FALLBACK_ELIGIBLE:
-                    child, reason = _run_tool_turn(child, reason, prompts, params, tools, decode, stats)
+                child, reason = self._child(parent, request, output)
                 if reason is None:
                     live.setdefault(child.prompt_index, []).append(child)
                 else:
-                    done[child.prompt_index].append(child.leaf(reason))
+                    self.done[child.prompt_index].append(child.leaf(reason))
                     stopped_now[child.prompt_index] += 1
+        return live, stopped_now
 
-        frontier = []
-        for prompt_index in range(len(prompts)):
-            paths = live.get(prompt_index, [])
+    def _child(
+        self, parent: _Path, request: SegmentRequest, output: SegmentOutput,
+    ) -> tuple[_Path, FinishReason | None]:
+        """`parent` extended by one decoded segment, and its stop reason (None: live)."""
+        params, decode = self.params, self.decode_text
+        self.stats.decoded_tokens += len(output.token_ids)
+        segment, segment_logprobs, ended = _trim_at_eos(output, self.eos_token_ids, request.max_tokens)
+        segment_text = decode(segment) if segment else ""
+        if params.stop_strings and segment:
+            keep = _stop_string_cut(parent.text, segment, segment_text, params.stop_strings, decode)
+            if keep is not None:
+                segment = segment[:keep]
+                segment_logprobs = None if segment_logprobs is None else segment_logprobs[:keep]
+                segment_text, ended = decode(segment), True
+        child = _Path(
+            parent.prompt_index,
+            parent.nodes + (self.next_node,),
+            parent.token_ids + segment,
+            None if parent.logprobs is None or segment_logprobs is None else parent.logprobs + segment_logprobs,
+            parent.text + segment_text,
+            parent.from_fallback,
+            (*parent.segment_ends, len(parent.token_ids) + len(segment)),
+            None if parent.tool_mask is None else parent.tool_mask + [1] * len(segment),
+            parent.tool_turns,
+            parent.tool_state,
+        )
+        self.next_node += 1
+        reason = classify_segment(child, segment, segment_text, ended, params)
+        if self.tools is not None and ended and reason in FALLBACK_ELIGIBLE:
+            child, reason = _run_tool_turn(child, reason, self.prompts, params, self.tools, decode, self.stats)
+        return child, reason
+
+    def branch(self, live: dict[int, list[_Path]], stopped_now: Counter) -> list[tuple[_Path, int]]:
+        """The next level's frontier: each prompt's live paths with their share of its branching budget, or, for a
+        prompt with no live path and fewer than w leaves, a fallback event."""
+        params, frontier = self.params, []
+        for prompt_index in range(len(self.prompts)):
+            paths, done = live.get(prompt_index, []), self.done[prompt_index]
             if paths:
-                total = branching_budget(len(paths), stopped_now[prompt_index], len(done[prompt_index]), params)
-                scores = (
-                    [_last_segment_mean_logprob(p) for p in paths]
-                    if params.needs_logprobs
-                    else [0.0] * len(paths)
-                )
+                total = branching_budget(len(paths), stopped_now[prompt_index], len(done), params)
+                scores = [_last_segment_mean_logprob(p) for p in paths] if params.needs_logprobs else [0.0] * len(paths)
                 frontier.extend(zip(paths, split_budget(total, scores, params)))
-            elif len(done[prompt_index]) < params.width and params.fallback_policy != "none":
-                remaining = params.width - len(done[prompt_index])
-                branches = _fallback_branches(
-                    done[prompt_index], remaining, params, rng, decode, root_states[prompt_index]
-                )
-                stats.fallback_events += 1
-                stats.fallback_branches += sum(copies for _, copies in branches)
+            elif len(done) < params.width and params.fallback_policy != "none":
+                remaining = params.width - len(done)
+                branches = _fallback_branches(done, remaining, params, self.rng, self.decode_text,
+                                              self.root_states[prompt_index])  # fmt: skip
+                self.stats.fallback_events += 1
+                self.stats.fallback_branches += sum(copies for _, copies in branches)
                 frontier.extend(branches)
-
-    stats.leaf_tokens = sum(leaf.policy_tokens for leaves in done for leaf in leaves)
-    stats.sequential_tool_calls = sum(leaf.tool_calls for leaves in done for leaf in leaves)
-    return TreeRollout(leaves=done, stats=stats)
+        return frontier
 
 
 def _run_tool_turn(

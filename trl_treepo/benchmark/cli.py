@@ -1,0 +1,195 @@
+"""`python -m trl_treepo.benchmark`: the command line of every benchmark (see the package docstring for what each
+measures)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from . import __doc__ as PACKAGE_DOC
+from .harness import DEFAULT_MODEL_DIR, DEFAULT_TOOL_MODEL_DIR, Backend, load_prompts, sampling_params
+from .packing import PACKING_MODEL, PACKING_MODES, compare_packing, packing_worker, plot_packing
+from .rollout import compare, plot_sweep, sweep_depths
+from .tools import tool_prompts
+from .training import TRAINERS, compare_training_steps, train_worker
+
+
+def rollout_table(report: dict) -> str:
+    rows = [
+        ("wall time (s)", "wall_s", "{:.2f}"),
+        ("trajectories", "trajectories", "{:.0f}"),
+        ("leaf tokens", "leaf_tokens", "{:.0f}"),
+        ("decoded tokens", "decoded_tokens", "{:.0f}"),
+        ("engine calls", "engine_calls", "{:.0f}"),
+        ("requests", "requests", "{:.0f}"),
+        ("early-stopped leaves", "early_stop_ratio", "{:.0%}"),
+        ("TrajPS", "trajectories_per_s", "{:.2f}"),
+        ("TokenPS", "leaf_tokens_per_s", "{:.1f}"),
+    ]
+    if "tool_call_ratio" in report:
+        rows += [("tool calls executed", "tool_calls", "{:.0f}"), ("tool calls on paths", "path_tool_calls", "{:.0f}")]
+    lines = [f"{'':24}{'sequential':>14}{'tree':>14}"]
+    for label, key, fmt in rows:
+        lines.append(f"{label:24}{fmt.format(report['sequential'][key]):>14}{fmt.format(report['tree'][key]):>14}")
+    lines.append(
+        f"speedup (TokenPS) {report['speedup']:.2f}x   TrajPS {report['trajectory_speedup']:.2f}x   "
+        f"decoded-token ratio {report['decoded_token_ratio']:.3f}   efficiency {report['efficiency']:.2f}   "
+        f"decode-rate ratio {report['decode_rate_ratio']:.2f}"
+    )
+    if "tool_call_ratio" in report:
+        lines.append(
+            f"tool calls per trajectory, tree / sequential {report['tool_call_ratio']:.3f}   "
+            f"tree executed / on its paths {report['tree_tool_call_sharing']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trl_treepo.benchmark",
+        description=PACKAGE_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--model", help=f"model path or id (default: the warmed-up tiny model in {DEFAULT_MODEL_DIR})")
+    parser.add_argument("--task", default="gsm_symbolic", help="reasoning-gym task for prompts")
+    parser.add_argument("--dataset", help="a dataset name or saved directory with a `prompt` column, instead of --task")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16, help="leaves per prompt (num_generations); paper: 16")
+    parser.add_argument("--segment-length", type=int, default=32, help="paper: 512")
+    parser.add_argument("--depth", type=int, default=8, help="paper: 14")
+    parser.add_argument("--branching", type=int, default=2, help="paper: 2")
+    parser.add_argument("--initial-divergence", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    parser.add_argument("--no-kv-reuse", action="store_true", help="transformers: re-read prefixes at every level")
+    parser.add_argument("--block-size", type=int, help="vLLM KV block size (default: 32 on CPU, engine default else)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--sweep-depths", help="comma-separated depths at a fixed budget of segment-length × depth")
+    parser.add_argument("--plot", help="PNG path for the TokenPS-vs-depth plot of --sweep-depths")
+    parser.add_argument("--train", action="store_true", help="also compare a TreePOTrainer step with a GRPOTrainer step")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--tools", action="store_true", help="the agentic case: calculator problems, tool calls in "
+                        "rollouts (default model: a tiny model warmed to call the tool)")
+    parser.add_argument("--tool-latency", type=float, default=0.05, help="--tools: seconds each tool call takes")
+    parser.add_argument("--max-tool-turns", type=int, default=3, help="--tools: max_tool_calling_iterations")
+    parser.add_argument("--train-worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    parser.add_argument("--packing", help="compare the packed-training paths on synthetic trees of these shapes, "
+                        "comma-separated depth×segment-length (e.g. 4x256,8x512,14x512); skips the rollout benchmark")
+    parser.add_argument("--layers", type=int, default=2, help="--packing: layers of the Qwen2.5-0.5B-shaped model")
+    parser.add_argument("--dense-limit", type=int, default=30000,
+                        help="--packing: skip the dense-mask path above this many unique tokens")
+    parser.add_argument("--packing-worker", choices=PACKING_MODES, help=argparse.SUPPRESS)
+    return parser
+
+
+def _packing_report(args) -> dict:
+    """`--packing`: synthetic trees on a random model; no rollout, no warmed-up model."""
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.packing.split(",")]
+    worker_argv = ["--layers", str(args.layers), "--width", str(args.width), "--seed", str(args.seed)]
+    points = compare_packing(worker_argv, [(length, depth) for depth, length in shapes], args.dense_limit)
+    report = {"packing": points, "setup": {"layers": args.layers, "width": args.width, "seed": args.seed,
+                                           "device": f"cpu ({os.cpu_count()} cores)", **PACKING_MODEL}}  # fmt: skip
+    if args.plot:
+        plot_packing(points, args.plot)
+    return report
+
+
+def _default_model(args, argv: list[str]) -> None:
+    """Without `--model`: the warmed-up tiny model (built and cached on first use), passed on to worker processes."""
+    from ..testing import make_warm_model
+
+    if args.tools:
+        args.model = make_warm_model(DEFAULT_TOOL_MODEL_DIR, warm="tool-calls", steps=300)
+    else:
+        args.model = make_warm_model(DEFAULT_MODEL_DIR)
+    argv += ["--model", args.model]
+
+
+def _rollout_report(args, argv: list[str]) -> dict:
+    """Sequential vs tree rollouts (and `--sweep-depths`, `--train` after them)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    eos_token_ids = [tokenizer.eos_token_id]
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        eos_token_ids.append(tokenizer.pad_token_id)
+    tools = None
+    if args.tools:
+        prompts, tools = tool_prompts(args, tokenizer)
+    else:
+        prompts = load_prompts(args, tokenizer)
+    backend = Backend(args, eos_token_ids, tokenizer.pad_token_id)
+    params = sampling_params(args, eos_token_ids, args.depth, args.segment_length)
+
+    report = compare(backend, prompts, params, tokenizer.decode, args, tools)
+    report["setup"] = {
+        "backend": args.backend,
+        "model": str(args.model),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "prompts": len(prompts),
+        "width": args.width,
+        "segment_length": args.segment_length,
+        "depth": args.depth,
+        "branching": args.branching,
+        "temperature": args.temperature,
+        "kv_reuse": args.backend == "vllm" or not args.no_kv_reuse,
+        "block_size": backend.block_size,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
+    if args.tools:
+        report["setup"].update(tool_latency_s=args.tool_latency, max_tool_turns=args.max_tool_turns)
+    print(rollout_table(report), flush=True)
+
+    if args.sweep_depths:
+        sweep = report["sweep"] = sweep_depths(backend, prompts, eos_token_ids, tokenizer.decode, args)
+        if args.plot:
+            sequential = statistics.median(p["sequential"]["leaf_tokens_per_s"] for p in sweep)
+            plot_sweep(sweep, sequential, args.plot, f"{args.backend}, {report['setup']['device']}, width {args.width}")
+    if args.train:
+        del backend  # free the rollout engine before the trainers build theirs
+        report["train"] = _train_report([a for a in argv if a not in ("--train", "--json")])
+    return report
+
+
+def _train_report(argv: list[str]) -> dict:
+    train = compare_training_steps(argv)
+    print(f"training step: GRPO {train['grpo']['step_s']:.2f} s, "
+          f"TreePO {train['treepo']['step_s']:.2f} s ({train['step_speedup']:.2f}x), "
+          f"TreePO packed {train['treepo-packed']['step_s']:.2f} s", flush=True)
+    print(f"loss forward+backward: TreePO {train['treepo']['loss_s']:.2f} s, packed "
+          f"{train['treepo-packed']['loss_s']:.2f} s ({train['packed_loss_speedup']:.2f}x; packed/leaf tokens "
+          f"{train['treepo-packed']['packed_token_ratio']:.2f}); peak memory "
+          f"{train['treepo']['peak_memory_mb']:.0f} → {train['treepo-packed']['peak_memory_mb']:.0f} MB",
+          flush=True)  # fmt: skip
+    return train
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import torch
+
+    if args.packing_worker:
+        report = packing_worker(args)
+    elif args.packing:
+        report = _packing_report(args)
+    else:
+        if args.model is None:
+            _default_model(args, argv)
+        args.device_is_cpu = not torch.cuda.is_available()
+        report = train_worker(args) if args.train_worker else _rollout_report(args, argv)
+    if args.json or args.packing_worker or args.train_worker:  # workers hand their result back on the last line
+        print(json.dumps(report))
+    return report

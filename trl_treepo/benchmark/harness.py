@@ -1,0 +1,169 @@
+"""What every benchmark shares: run results and their medians, engines built fresh per run, prompts, sampling
+parameters, and worker processes (a benchmark that measures memory or builds its own engine runs each case in a fresh
+`python -m trl_treepo.benchmark` process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..sampling import TreeSamplingParams
+
+CACHE = Path(os.environ.get("TRL_TREEPO_CACHE", Path.home() / ".cache" / "trl_treepo"))
+DEFAULT_MODEL_DIR = CACHE / "bench-model"
+DEFAULT_TOOL_MODEL_DIR = CACHE / "bench-tool-model"
+
+
+@dataclass
+class RunResult:
+    wall_s: float
+    trajectories: int
+    leaf_tokens: int
+    decoded_tokens: int
+    engine_calls: int
+    requests: int
+    early_stop_ratio: float  # leaves that ended before the length limit
+    tool_calls: int = 0  # executed
+    path_tool_calls: int = 0  # on the trajectories' paths: what running each trajectory on its own executes
+
+    @property
+    def trajectories_per_s(self) -> float:
+        return self.trajectories / self.wall_s
+
+    @property
+    def leaf_tokens_per_s(self) -> float:
+        return self.leaf_tokens / self.wall_s
+
+
+def trim_at_eos(ids: Sequence[int], eos_token_ids: frozenset[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in eos_token_ids:
+            return list(ids[: position + 1])
+    return list(ids)
+
+
+def median_result(runs: list[RunResult]) -> dict:
+    median = {field: statistics.median(getattr(r, field) for r in runs) for field in asdict(runs[0])}
+    median["trajectories_per_s"] = statistics.median(r.trajectories_per_s for r in runs)
+    median["leaf_tokens_per_s"] = statistics.median(r.leaf_tokens_per_s for r in runs)
+    median["runs"] = len(runs)
+    return median
+
+
+
+# ------------------------------------------------------------------------------------------------------ engines
+
+
+class Backend:
+    """Builds a fresh engine per run, so no run inherits another's cache."""
+
+    def __init__(self, args, eos_token_ids, pad_token_id):
+        self.args = args
+        if args.backend == "vllm":
+            from vllm import LLM
+            from vllm.platforms import current_platform
+
+            block_size = args.block_size
+            if block_size is None and current_platform.is_cpu():
+                block_size = 32  # vLLM-CPU's default 128-token blocks share little of a short tree
+            self.llm = LLM(
+                model=args.model,
+                dtype=args.dtype,
+                enable_prefix_caching=True,
+                block_size=block_size,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                max_model_len=args.max_model_len,
+                enforce_eager=args.enforce_eager,
+                seed=args.seed,
+            )
+            self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM, GenerationConfig
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[args.dtype]
+            self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+            self.generation_config = GenerationConfig(
+                do_sample=True,
+                temperature=args.temperature,
+                top_k=0,
+                top_p=1.0,
+                eos_token_id=list(eos_token_ids),
+                pad_token_id=pad_token_id,
+            )
+            self.pad_token_id = pad_token_id
+            self.block_size = None
+
+    def engine(self, reuse_kv_cache: bool = True):
+        if self.args.backend == "vllm":
+            from ..backends.vllm import VLLMColocateEngine
+
+            self.llm.reset_prefix_cache()  # runs start cold: no run reuses another's prefixes
+            return VLLMColocateEngine(self.llm, {"temperature": self.args.temperature})
+        from ..backends.transformers import TransformersSegmentEngine
+
+        return TransformersSegmentEngine(
+            self.model, self.generation_config, self.pad_token_id, reuse_kv_cache=reuse_kv_cache
+        )
+
+    def seed(self, value: int):
+        import torch
+
+        torch.manual_seed(value)
+
+
+def load_prompts(args, tokenizer) -> list[list[int]]:
+    if args.dataset:
+        from datasets import load_dataset, load_from_disk
+
+        dataset = load_from_disk(args.dataset) if Path(args.dataset).is_dir() else load_dataset(args.dataset, split="train")
+        rows = dataset.select(range(min(args.prompts, len(dataset))))
+    else:
+        from ..testing import make_math_dataset
+
+        rows = make_math_dataset(args.task, size=args.prompts, seed=args.seed + 1000)
+    prompts = []
+    for row in rows:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompts.append(tokenizer(prompt)["input_ids"])
+        else:
+            prompts.append(
+                tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
+    return prompts
+
+
+def sampling_params(args, eos_token_ids, depth: int, segment_length: int) -> TreeSamplingParams:
+    return TreeSamplingParams(
+        width=args.width,
+        segment_length=segment_length,
+        max_depth=depth,
+        branching_factor=args.branching,
+        initial_divergence=args.initial_divergence,
+        eos_token_ids=tuple(eos_token_ids),
+        seed=args.seed,
+        max_tool_turns=args.max_tool_turns if args.tools else None,
+    )
+
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+
+
+def run_worker(argv: list[str]) -> subprocess.CompletedProcess:
+    """`python -m trl_treepo.benchmark *argv --json` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "trl_treepo.benchmark", *argv, "--json"], capture_output=True,
+                          text=True)  # fmt: skip
+
+
+def worker_result(finished: subprocess.CompletedProcess) -> dict:
+    """The JSON object a worker printed on its last line."""
+    return json.loads(finished.stdout.strip().splitlines()[-1])
