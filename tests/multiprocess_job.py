@@ -1,6 +1,11 @@
 """A short TreePO run that dumps what each process saw; launched by test_multiprocess.py under `accelerate launch`.
 
     accelerate launch --config_file examples/accelerate_configs/multi_cpu.yaml tests/multiprocess_job.py MODEL OUT
+    accelerate launch ... tests/multiprocess_job.py MODEL OUT uneven
+
+`uneven`: rank 0's policy is made to write EOS at once during generation, so its trees are shorter, fall back and
+prefill where rank 1's do not, and pack into fewer sequences; each rank counts its policy forwards and `generate`
+calls per step, which sharded training (FSDP, ZeRO-3) needs equal on every rank.
 
 The script's own directory (tests/) is on `sys.path`, so it shares the test helpers.
 """
@@ -42,5 +47,52 @@ def main(model: str, output_dir: str) -> None:
     torch.distributed.barrier()
 
 
+def uneven(model: str, output_dir: str) -> None:
+    from transformers import TrainerCallback
+
+    args = tiny_args(output_dir, tree_packed_training=True, tree_packed_max_tokens=40, tree_fallback_policy="restart",
+                     tree_max_depth=3, tree_segment_length=4)  # fmt: skip
+    trainer = TreePOTrainer(model=model, reward_funcs=reward_length, args=args, train_dataset=make_math_dataset(size=32))
+    state = PartialState()
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    eos = trainer.processing_class.eos_token_id
+    counts, steps, generating = {"forward": 0, "generate": 0}, [], [False]
+    policy.register_forward_pre_hook(lambda module, args: counts.__setitem__("forward", counts["forward"] + 1))
+    generate = policy.generate
+
+    def counted_generate(*args, **kwargs):
+        counts["generate"] += 1
+        generating[0] = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            generating[0] = False
+
+    policy.generate = counted_generate
+
+    def eos_at_once(module, inputs, output):  # rank 0 only: its paths stop at their first token
+        if generating[0]:
+            output = output.clone()
+            output[..., eos] = 1e4
+        return output
+
+    if state.process_index == 0:
+        policy.lm_head.register_forward_hook(eos_at_once)
+
+    class Counts(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            every = [None] * state.num_processes
+            torch.distributed.all_gather_object(every, dict(counts))
+            steps.append(every)
+            counts.update(forward=0, generate=0)
+
+    trainer.add_callback(Counts())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    with open(f"{output_dir}/rank{state.process_index}.json", "w") as handle:
+        json.dump(dict(steps=steps, logs=logs, packing=trainer._packed_forward.verified), handle)
+    torch.distributed.barrier()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    (uneven if sys.argv[3:] == ["uneven"] else main)(sys.argv[1], sys.argv[2])

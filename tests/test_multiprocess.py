@@ -79,3 +79,26 @@ def test_advantages_are_computed_over_the_gathered_tree_groups(two_process_run):
         expected = torch.nan_to_num(whiten(expected, counts), nan=0.0)
         trained = torch.tensor(ranks[0]["advantages"] + ranks[1]["advantages"], dtype=torch.float64)
         torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uneven_trees_keep_every_rank_in_step(tiny_model, tmp_path):
+    """Rank 0's trees stop at once and fall back while rank 1's run the full depth, and they pack into different
+    numbers of sequences: every step, both ranks still run as many policy forwards and `generate` calls (what FSDP
+    and ZeRO-3 need, where each of them is a collective)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "examples/accelerate_configs/multi_cpu.yaml"),
+        "--main_process_port", str(free_port()),
+        str(ROOT / "tests/multiprocess_job.py"), tiny_model, str(tmp_path), "uneven",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    first, second = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert first["packing"] is True and len(first["steps"]) == 2
+    for step in first["steps"]:
+        rank0, rank1 = step
+        assert rank0 == rank1, f"ranks ran different numbers of forwards or generate calls: {step}"
+        assert rank0["generate"] >= 3 and rank0["forward"] > rank0["generate"]
+    # the premise: the ranks' trees differ in shape
+    assert first["logs"][0]["tree/max_depth"] == 3 and first["logs"][0]["tree/fallback_events"] > 0

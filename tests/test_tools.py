@@ -129,6 +129,8 @@ def test_a_result_that_does_not_fit_ends_the_path_at_its_call():
     assert all(leaf.finish_reason is FinishReason.TOOL_LIMIT and leaf.token_ids == [CALL, EOS] for leaf in leaves)
     assert rollout.stats.tool_calls == len(tools.runs) > 0  # run and counted, as TRL counts it, then dropped
     assert all(leaf.tool_mask is None for leaf in leaves)
+    # the result is dropped, but what the calls did to the path's environment stays, as in TRL
+    assert sorted(leaf.tool_state for leaf in leaves) == [(run,) for run in range(1, len(tools.runs) + 1)]
 
 
 def test_fallback_re_branches_after_a_tool_result_with_that_nodes_state():
@@ -408,18 +410,26 @@ def test_environments_whose_reset_differs_per_rollout_are_refused(tiny_model, tm
         trainer.train()
 
 
-def test_tree_segment_advantages_follow_segments_cut_short_by_tool_calls(tiny_model, tmp_path, scripted_turns):
+@pytest.mark.parametrize("normalization", ["none", "batch_whiten"])
+def test_tree_segment_advantages_follow_segments_cut_short_by_tool_calls(tiny_model, tmp_path, scripted_turns,
+                                                                         normalization):  # fmt: skip
     install, _ = scripted_turns
     install(two_turn_env_script)
     trainer = tool_trainer(tiny_model, tmp_path, reward_funcs=[], environment_factory=CounterEnv,
-                           args=dict(tree_advantage_estimator="tree_segment", tree_advantage_normalization="none"))
+                           args=dict(tree_advantage_estimator="tree_segment",
+                                     tree_advantage_normalization=normalization))  # fmt: skip
     batches = capture_batches(trainer)
     trainer.train()
     output, batch = batches[0]
-    advantages = output["advantages"]
+    advantages, policy = output["advantages"], (output["completion_mask"] * output["tool_mask"]).bool()
     for row, leaf in enumerate(batch.row_leaves):
         for start, end in leaf.segment_bounds(SEGMENT):  # one value per segment, changing only at its ends
-            assert torch.unique(advantages[row, start:end]).numel() == 1
+            assert torch.unique(advantages[row, start:end][policy[row, start:end]]).numel() == 1
+    assert (advantages[~policy] == 0).all()  # tool results carry no advantage
+    if normalization == "batch_whiten":  # whitened over the policy's tokens only: tool results do not count
+        trained = advantages[policy].double()
+        assert trained.mean().item() == pytest.approx(0.0, abs=1e-6)
+        assert trained.std().item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_sequential_evaluation_keeps_trls_tool_loop(tiny_model, tmp_path, scripted_turns):

@@ -198,7 +198,28 @@ BAD_VALUES = [
     (dict(tree_packed_max_tokens=0), "tree_packed_max_tokens"),
     (dict(tree_tool_timeout=0.0), "tree_tool_timeout"),
     (dict(tree_environment_branching="fork"), "tree_environment_branching"),
+    # As the command line and YAML give them: a JSON string, parsed by GRPOConfig before the tree checks read it.
+    (dict(generation_kwargs='{"frequency_penalty": 0.5}'), "frequency_penalty"),
+    (dict(generation_kwargs={"num_beams": 2}), "num_beams"),
+    (dict(use_transformers_continuous_batching=True), "use_transformers_continuous_batching"),
+    (dict(use_transformers_paged=True), "deprecated use_transformers_paged"),
 ]
+
+
+def test_settings_that_change_nothing_pass_validation(tmp_path):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                tree_segment_length=4, tree_max_depth=2)  # fmt: skip
+    assert TreePOConfig(**base, generation_kwargs={"num_beams": 1}).generation_kwargs == {"num_beams": 1}
+    assert TreePOConfig(**base, generation_kwargs='{"stop": ["Q:"]}').tree_stop_strings == ("Q:",)
+
+
+def test_without_tree_sampling_the_completion_length_is_grpos_choice(tmp_path):
+    """An A/B against GRPO is one flag: tree_sampling=False accepts any max_completion_length, and without one
+    derives the tree's, so that both arms get the same budget."""
+    base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                tree_segment_length=4, tree_max_depth=2, tree_sampling=False)  # fmt: skip
+    assert TreePOConfig(**base, max_completion_length=100).max_completion_length == 100
+    assert TreePOConfig(**base).max_completion_length == 8
 
 
 @pytest.mark.parametrize("overrides, field", BAD_VALUES)

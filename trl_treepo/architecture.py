@@ -25,6 +25,16 @@ def non_full_attention_layers(model) -> str | None:
     return f"it has {', '.join(kinds)} layers (not all full attention)" if kinds else None
 
 
+def attention_layer_count(model) -> int:
+    """How many attention layers a forward of `model` runs: one per layer of the KV cache transformers builds for it."""
+    from transformers import DynamicCache
+
+    try:
+        return len(DynamicCache(config=model.config).layers)
+    except Exception:  # a config the generic cache cannot describe: its declared layers
+        return model.config.get_text_config().num_hidden_layers
+
+
 def non_relative_positions(model) -> str | None:
     """Why positions may enter attention other than through their differences; None for plain rotary models."""
     import torch
@@ -52,6 +62,23 @@ def attention_extras(model) -> str | None:
     for name, module in model.named_modules():
         if getattr(module, "sinks", None) is not None:
             return f"its attention has sinks ({name})"
+    return None
+
+
+def active_dropout(model) -> str | None:
+    """Why a training forward of `model` draws dropout (a packed forward would share one draw between the leaves that
+    share a prefix, where unpacked rows draw one each: not exact); None if it draws none."""
+    import torch
+
+    config = model.config.get_text_config()
+    for name, value in vars(config).items():
+        if name.startswith("summary_"):  # GPT-2's sequence-summary head, which a causal LM does not run
+            continue
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value > 0:
+            return f"its {name} is {value} (dropout in training is drawn per forward; set it to 0 to pack)"
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return f"{name} drops out with p={module.p} (dropout in training is drawn per forward; set it to 0 to pack)"
     return None
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .advantages import WEIGHTINGS
-from .tools import ENVIRONMENT_BRANCHING
+from .environments import ENVIRONMENT_BRANCHING
 from .sampling import (
     ANSWER_STOP_RULES,
     DIVERGENCE_POLICIES,
@@ -41,7 +41,11 @@ PER_COMPLETION_OPTIONS = {
     "num_return_sequences": _BRANCHES,
     "max_tokens": _LENGTH,
     "max_new_tokens": _LENGTH,
+    "num_beams": "beam search would rank each segment's beams on their own, not whole completions, and the tree "
+    "already decides how many continuations each path gets.",
 }
+# Values of those options that change nothing (a single beam is plain sampling).
+NEUTRAL_VALUES = {"num_beams": (None, 1)}
 
 
 @dataclass
@@ -380,7 +384,7 @@ class TreePOConfig(GRPOConfig):
         budget = self.tree_segment_length * self.tree_max_depth
         if self.max_completion_length is None:
             self.max_completion_length = budget
-        elif self.max_completion_length != budget:
+        elif self.max_completion_length != budget and self.tree_sampling:
             raise ValueError(
                 f"max_completion_length ({self.max_completion_length}) must equal tree_segment_length × "
                 f"tree_max_depth ({self.tree_segment_length} × {self.tree_max_depth} = {budget}): a TreePO "
@@ -445,16 +449,17 @@ class TreePOConfig(GRPOConfig):
                 f"Unknown tree_environment_branching {self.tree_environment_branching!r}. Choose one of: "
                 f"{', '.join(ENVIRONMENT_BRANCHING)}."
             )
+
+    def _check_with_grpo_settings(self) -> None:
+        """Tree settings against GRPOConfig's, once GRPOConfig has resolved its own: `generation_kwargs` given as a JSON
+        string (CLI, YAML) parsed, `use_transformers_paged` turned into continuous batching, `steps_per_generation`."""
         if self.tree_sampling:
             self._check_generation_kwargs()
         if self.tree_sampling and self.use_transformers_continuous_batching:
             raise ValueError(
-                "use_transformers_continuous_batching is not used by tree rollouts, which drive `generate` level "
-                "by level. Unset it, or set tree_sampling=False."
+                "use_transformers_continuous_batching (or the deprecated use_transformers_paged) is not used by tree "
+                "rollouts, which drive `generate` level by level. Unset it, or set tree_sampling=False."
             )
-
-    def _check_with_grpo_settings(self) -> None:
-        """Tree settings against GRPOConfig's, once GRPOConfig has resolved its own (e.g. `steps_per_generation`)."""
         uses_tree_estimator = self.tree_sampling and self.tree_advantage_estimator != "grpo"
         if uses_tree_estimator and self.scale_rewards != "group":
             raise ValueError(
@@ -482,7 +487,7 @@ class TreePOConfig(GRPOConfig):
                 "each restart the constraint. Unset it, or set tree_sampling=False."
             )
         for name, value in (self.generation_kwargs or {}).items():
-            if name in PER_COMPLETION_OPTIONS and value not in (None, 0, 0.0, False):
+            if name in PER_COMPLETION_OPTIONS and value not in NEUTRAL_VALUES.get(name, (None, 0, 0.0, False)):
                 raise ValueError(
                     f"generation_kwargs[{name!r}]={value!r} cannot be honoured in a tree rollout: "
                     f"{PER_COMPLETION_OPTIONS[name]} Remove it, or set tree_sampling=False to sample sequentially."
@@ -565,7 +570,9 @@ GRPO_DIFFERENCES = (
     ),
     GRPODifference(
         "Prompts whose rewards are all equal", "advantage 0; their tokens count in the loss normaliser",
-        "masked out of the loss and its normaliser", "DAPO's dynamic sampling (paper §3.1), "
+        "masked out of the loss; with the token-normalised losses (`dapo`, the default, `bnpo`, `cispo`, `vespo`) also "
+        "out of its normaliser, while `grpo`, `sapo`, `luspo` (a mean over rows) and `dr_grpo` (a fixed normaliser) "
+        "still count them as rows of zero loss", "DAPO's dynamic sampling (paper §3.1), "
         "`tree_filter_zero_std_prompts`. Filtered prompts are not replaced, since a TRL batch has a fixed size.",
         lambda args: args.tree_filter_zero_std_prompts,
     ),
@@ -617,10 +624,16 @@ def grpo_differences_reference() -> str:
 def grpo_differences_message(args: TreePOConfig) -> str:
     """What the trainer logs once at start-up: how this run trains differently from GRPOTrainer."""
     if not args.tree_sampling:
-        return (
-            "tree_sampling=False: TreePOTrainer trains exactly as GRPOTrainer does with these arguments; the tree_* "
-            "settings are unused."
+        message = (
+            "tree_sampling=False: TreePOTrainer samples and computes advantages exactly as GRPOTrainer does with these "
+            "arguments; the tree rollout and advantage settings are unused."
         )
+        if args.tree_packed_training:
+            message += (
+                " tree_packed_training still acts: each prompt's rows share one forward of their prompt (exact, up to "
+                "floating-point rounding). Set it to False to run GRPOTrainer's forward bit for bit."
+            )
+        return message
     lines = [f"- {d.what}: {d.treepo} (GRPOTrainer: {d.grpo})" for d in GRPO_DIFFERENCES if d.applies(args)]
     return "TreePOTrainer trains differently from GRPOTrainer with these arguments (docs/configuration.md):\n" + (
         "\n".join(lines)

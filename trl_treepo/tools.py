@@ -10,40 +10,33 @@ result. What a call returns, and what a failure looks like, is what TRL does:
   failure; a malformed call is not a call at all (TRL's `parse_response` falls back to plain text), so the path ends;
 - in addition, a call that runs longer than `timeout` seconds fails the same way (TRL has no limit).
 
-Environments (`environment_factory`) are stateful per path: the runner never mutates an instance it handed out.
-Before a path's calls run, its instance is deep-copied (`"copy"`) or rebuilt from the factory, reset and replayed
-(`"replay"`), so every node keeps the environment as it was after its own calls, for all the paths that branch from
-it (fallback re-branching included).
+As in TRL, a turn's sync tools run first, in call order, then its async tools; their results follow that order.
+
+Environments (`environment_factory`) are stateful per path: before a path's calls run, it gets an instance of its
+own (`environments.py`: forked, copied or replayed), so every node keeps the environment as it was after its own
+calls, for all the paths that branch from it (fallback re-branching included).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import inspect
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .environments import (  # noqa: F401 (re-exported: where users of the tool API look for them)
+    ENVIRONMENT_BRANCHING,
+    BranchedEnvironments,
+    EnvironmentBranchingError,
+    EnvironmentState,
+    environment_methods,
+)
 from .sampling import ToolTurn
-
-ENVIRONMENT_BRANCHING = ("copy", "replay")
 
 
 class ToolTimeoutError(TimeoutError):
     """A tool call ran past `tree_tool_timeout`."""
-
-
-class EnvironmentBranchingError(RuntimeError):
-    """An environment could not be given to a branching path; the message says what to set."""
-
-
-@dataclass(frozen=True)
-class EnvironmentState:
-    """A path's environment: the instance, and the calls it has run since `reset` as (call, failed) (for `"replay"`)."""
-
-    instance: object
-    history: tuple = ()
 
 
 @dataclass
@@ -71,15 +64,6 @@ class TurnRecord:
 
     assistant: dict
     tool_messages: list[dict]
-
-
-def environment_methods(environment) -> list[Callable]:
-    """An environment's tools, as TRL lists them: its public methods other than `reset` and `get_reward`."""
-    return [
-        getattr(environment, name)
-        for name, _ in inspect.getmembers(type(environment), predicate=inspect.isfunction)
-        if name not in ("reset", "get_reward") and not name.startswith("_")
-    ]
 
 
 def call_with_timeout(function: Callable, arguments: dict, timeout: float | None, async_loop=None):
@@ -125,8 +109,11 @@ class ToolExecutor:
         parse: `parse(ids, prefix, schema) -> message`, TRL's `parse_response` with the trainer's tokenizer.
         suffix_ids: `suffix_ids(tool_messages) -> token ids`, TRL's `_get_tool_suffix_ids`.
         timeout: seconds per call, or None.
-        environment_branching: `"copy"` or `"replay"` (see the module docstring).
+        environment_branching: `"copy"` or `"replay"` (`environments.py`).
         async_loop: TRL's daemon event loop, for async tools.
+
+    After the rollout, `environment_of(leaf)` is the instance a leaf's rewards see, and `close()` closes every
+    instance made for the paths, once the step no longer needs them.
     """
 
     def __init__(
@@ -139,24 +126,19 @@ class ToolExecutor:
         environment_branching: str = "copy",
         async_loop=None,
     ):
-        if environment_branching not in ENVIRONMENT_BRANCHING:
-            raise ValueError(
-                f"Unknown environment_branching {environment_branching!r}. Choose one of: "
-                f"{', '.join(ENVIRONMENT_BRANCHING)}."
-            )
         self.prompts = list(prompts)
         self.parse = parse
         self.suffix_ids = suffix_ids
         self.timeout = timeout
-        self.environment_branching = environment_branching
         self.async_loop = async_loop
+        self.environments = BranchedEnvironments(environment_branching, self._call_function)
         self.timeouts = 0  # calls that ran past `timeout`
 
     # ------------------------------------------------------------------------------------------------ ToolRunner
 
     def root_state(self, prompt_index: int) -> EnvironmentState | None:
         environment = self.prompts[prompt_index].environment
-        return None if environment is None else EnvironmentState(environment)
+        return None if environment is None else self.environments.root(environment)
 
     def find_calls(self, prompt_index: int, context_ids: Sequence[int], turn_ids: Sequence[int]) -> dict | None:
         message = self.parse(list(turn_ids), list(context_ids), self.prompts[prompt_index].schema)
@@ -164,12 +146,12 @@ class ToolExecutor:
 
     def run(self, prompt_index: int, state: EnvironmentState | None, message: dict) -> ToolTurn:
         prompt = self.prompts[prompt_index]
-        state = None if state is None else self._branch(prompt, state)
+        instance = None if state is None else self.environments.working_instance(prompt, state)
         functions = {tool.__name__: tool for tool in prompt.tools}
-        if state is not None:
-            functions.update({method.__name__: method for method in environment_methods(state.instance)})
+        if instance is not None:
+            functions.update({method.__name__: method for method in environment_methods(instance)})
         tool_messages, failures, executed = [], 0, []
-        for tool_call in message["tool_calls"]:
+        for tool_call in self._in_trls_order(message["tool_calls"], functions):
             name, result, failed = self._call(tool_call, functions)
             failures += failed
             if tool_call.get("type") == "function":
@@ -182,7 +164,7 @@ class ToolExecutor:
                 )
             tool_messages.append({"role": "tool", "name": name, "content": content})
         if state is not None:
-            state = EnvironmentState(state.instance, state.history + tuple(executed))
+            state = self.environments.after_calls(state, instance, tuple(executed))
         return ToolTurn(
             token_ids=list(self.suffix_ids(tool_messages)),
             calls=len(message["tool_calls"]),
@@ -191,7 +173,31 @@ class ToolExecutor:
             record=TurnRecord(message, tool_messages),
         )
 
+    # ------------------------------------------------------------------------------------------- after the rollout
+
+    def environment_of(self, leaf):
+        """The environment instance a leaf's rewards see (`get_reward`, the `environments` reward argument)."""
+        state = leaf.tool_state
+        return None if state is None else self.environments.instance_of(self.prompts[leaf.prompt_index], state)
+
+    def close(self) -> None:
+        self.environments.close()
+
     # ----------------------------------------------------------------------------------------------------- parts
+
+    @staticmethod
+    def _in_trls_order(tool_calls: list, functions: dict) -> list:
+        """A turn's calls in the order TRL runs them and appends their results: sync calls (and calls that fail at
+        once: unknown tools, non-function calls) in call order, then async calls in call order."""
+
+        def is_async(tool_call):
+            function = functions.get((tool_call.get("function") or {}).get("name"))
+            return tool_call.get("type") == "function" and inspect.iscoroutinefunction(function)
+
+        return [c for c in tool_calls if not is_async(c)] + [c for c in tool_calls if is_async(c)]
+
+    def _call_function(self, function: Callable, arguments: dict):
+        return call_with_timeout(function, arguments, self.timeout, self.async_loop)
 
     def _call(self, tool_call: dict, functions: dict) -> tuple[str, object, bool]:
         """(name, result, failed) of one call, as `GRPOTrainer._tool_call_loop` reports it."""
@@ -203,39 +209,9 @@ class ToolExecutor:
         try:
             if name not in functions:
                 raise ValueError(f"Tool {name} not found.")
-            return name, call_with_timeout(functions[name], function["arguments"], self.timeout, self.async_loop), False
+            return name, self._call_function(functions[name], function["arguments"]), False
         except ToolTimeoutError as error:
             self.timeouts += 1
             return name, {"error": f"Tool {name} {error} (tree_tool_timeout)."}, True
         except Exception as error:
             return name, {"error": str(error)}, True
-
-    def _branch(self, prompt: PromptTools, state: EnvironmentState) -> EnvironmentState:
-        """An instance of the path's environment that this path alone will mutate."""
-        if self.environment_branching == "copy":
-            try:
-                return EnvironmentState(copy.deepcopy(state.instance), state.history)
-            except Exception as error:
-                raise EnvironmentBranchingError(
-                    f"Tree rollouts give each branching path its own environment, but copy.deepcopy of "
-                    f"{type(state.instance).__name__} raised {type(error).__name__}: {error}. Make the environment "
-                    "copyable (define __deepcopy__), or set tree_environment_branching='replay' to rebuild it from "
-                    "environment_factory and replay the path's tool calls."
-                ) from error
-        instance = prompt.factory()
-        instance.reset(**prompt.reset_kwargs)
-        methods = {method.__name__: method for method in environment_methods(instance)}
-        for call, failed in state.history:
-            if call["name"] not in methods:  # a standalone tool, or one TRL reported as "not found": no env state
-                continue
-            try:
-                call_with_timeout(methods[call["name"]], call["arguments"], self.timeout, self.async_loop)
-            except Exception as error:
-                if not failed:  # the path saw it succeed: the rebuilt environment would silently differ
-                    raise EnvironmentBranchingError(
-                        f"Replaying {type(instance).__name__}.{call['name']}({call['arguments']}) to rebuild a "
-                        f"branching path's environment raised {type(error).__name__}: {error}, where the original "
-                        "call succeeded. tree_environment_branching='replay' needs a deterministic environment; use "
-                        "'copy' (make it copyable) instead."
-                    ) from error
-        return EnvironmentState(instance, state.history)

@@ -25,7 +25,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from .sampling import SegmentEngine, SegmentOutput, SegmentRequest, ToolRunner, ToolTurn, TreeSamplingParams
@@ -116,6 +116,7 @@ class RolloutStats:
     tool_calls: int = 0  # executed, once per tree node
     tool_failures: int = 0
     sequential_tool_calls: int = 0  # summed over the leaves' paths: what sequential rollouts would have executed
+    tool_replays: int = 0  # calls run again to rebuild environments ("replay"), counted by the tool runner's owner
 
 
 @dataclass
@@ -550,9 +551,10 @@ def _run_tool_turn(
     turn = tools.run(path.prompt_index, path.tool_state, calls)
     stats.tool_calls += turn.calls
     stats.tool_failures += turn.failures
-    # As TRL does, a result that leaves no room for the next turn is dropped and the path ends at its call.
+    # As TRL does, a result that leaves no room for the next turn is dropped and the path ends at its call; what the
+    # calls did to the path's environment stays (TRL's environment keeps it too, and rewards read it).
     if len(path.token_ids) + len(turn.token_ids) >= params.max_response_length:
-        return path, FinishReason.TOOL_LIMIT
+        return replace(path, tool_state=turn.state), FinishReason.TOOL_LIMIT
     return path.with_tool_turn(turn, decode(turn.token_ids) if turn.token_ids else ""), None
 
 

@@ -5,6 +5,12 @@ cache: a continuing path's row holds exactly its prompt and response so far, so 
 selecting (and repeating) that row instead of re-reading the shared prefix (TreePO's KV reuse, paper §2.1). A
 node that was not decoded at the last level (the first level, a fallback branch) has its prefix read once and
 repeated for its branches; such rows are merged with the cached ones into one batch.
+
+Under sharded training (FSDP, ZeRO-3) every forward is a collective, so the ranks that share the model must run the
+same sequence of forwards and `generate` calls. Given `agree` (an all-reduce of small integers, max over the ranks),
+each level first agrees whether any rank is still decoding and whether any prefills; a rank with nothing of its own
+to do runs a one-token stand-in, and `finish()` keeps a rank whose trees are done joining levels until every rank's
+are. `generate` then runs with `synced_gpus`, so that its decoding steps line up too.
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ class TransformersSegmentEngine:
         pad_token_id: padding id for left-padded inputs.
         reuse_kv_cache: keep the KV cache between levels and serve children from their parent's row.
         return_logprobs: also return each sampled token's logprob under the sampling distribution.
+        agree: with several processes sharing the model, `agree(values) -> values` gives each value's maximum over
+            them (see the module docstring); call `finish()` after the rollout. None: one process.
     """
 
     def __init__(
@@ -98,8 +106,10 @@ class TransformersSegmentEngine:
         *,
         reuse_kv_cache: bool = True,
         return_logprobs: bool = False,
+        agree=None,
     ):
         self.model = model
+        self.agree = agree
         self.pad_token_id = pad_token_id
         self.return_logprobs = return_logprobs
         eos = generation_config.eos_token_id
@@ -115,6 +125,11 @@ class TransformersSegmentEngine:
             self.generation_config.top_k = None
             self.generation_config.top_p = None
             self.generation_config.min_p = None
+        # A MoE router's load-balancing loss reads the whole attention mask but only the new tokens' router logits,
+        # which disagree once a level continues from a cache; decoding never needs that loss.
+        text_config = model.config.get_text_config()
+        routes = getattr(text_config, "output_router_logits", False)
+        self._no_router_loss = {"output_router_logits": False} if routes else {}
         self.reuse_kv_cache = reuse_kv_cache
         if reuse_kv_cache:
             # Reuse selects, repeats and left-pads cached rows along the sequence axis, which only a plain
@@ -158,18 +173,24 @@ class TransformersSegmentEngine:
         self.prefilled_tokens += int(attention_mask[:, :-1].sum())
         return input_ids, attention_mask, cache
 
-    def _prepare_rows(self, requests, row_source):
+    def _kept_rows(self, requests) -> dict[int, int] | None:
+        """Request index → its row in the kept cache, for the requests whose node was decoded at the last level;
+        None when no cache can be used (a one-token node has nothing to prefill)."""
+        if any(len(r.token_ids) < 2 for r in requests):
+            return None
+        if self._kept is None:
+            return {}
+        row_of = self._kept[3]
+        return {i: row_of[key] for i, r in enumerate(requests) if (key := tuple(r.token_ids)) in row_of}
+
+    def _prepare_rows(self, requests, row_source, kept_rows):
         """Ids, mask and cache for every branch row: kept cache rows where a node was decoded at the last level
         (its children), a fresh prefill of each other distinct node (first level, fallback branches)."""
-        if any(len(r.token_ids) < 2 for r in requests):  # nothing to prefill for a one-token node: no cache
+        if kept_rows is None:
             self._kept = None
             ids, mask = left_pad([r.token_ids for r in requests], self.pad_token_id, self.device)
             index = torch.tensor(row_source, device=ids.device)
             return list(range(len(row_source))), ids[index], mask[index], None
-        kept_rows = {}
-        if self._kept is not None:
-            row_of = self._kept[3]
-            kept_rows = {i: row_of[key] for i, r in enumerate(requests) if (key := tuple(r.token_ids)) in row_of}
         fresh = [i for i in range(len(requests)) if i not in kept_rows]
         parts = []  # (rows of this part in branch order, ids, mask, cache)
         if kept_rows:
@@ -213,7 +234,13 @@ class TransformersSegmentEngine:
         if not requests:
             return []
         branch_source = [i for i, request in enumerate(requests) for _ in range(request.num_branches)]
-        rows, input_ids, attention_mask, cache = self._prepare_rows(requests, branch_source)
+        kept_rows = self._kept_rows(requests)
+        prefills = self.reuse_kv_cache and kept_rows is not None and len(kept_rows) < len(requests)
+        if self.agree is not None:
+            _, any_prefill = self.agree([1, int(prefills)])
+            if any_prefill and not prefills:
+                self._stand_in_forward()
+        rows, input_ids, attention_mask, cache = self._prepare_rows(requests, branch_source, kept_rows)
         row_source = [branch_source[row] for row in rows]
 
         max_new_tokens = max(request.max_tokens for request in requests)
@@ -227,6 +254,8 @@ class TransformersSegmentEngine:
             past_key_values=cache,
             generation_config=config,
             logits_processor=processors,
+            **({"synced_gpus": True} if self.agree is not None else {}),
+            **self._no_router_loss,
         )
         # A bare tensor is what `generate` returns when something (a test's stand-in, a wrapper) ignores
         # `return_dict_in_generate`: the sequences, without a cache to keep.
@@ -253,3 +282,25 @@ class TransformersSegmentEngine:
             full_mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)
             self._kept = (sequences, full_mask, past_key_values, continuable)
         return results
+
+    # ------------------------------------------------------------------------------------ ranks in step (`agree`)
+
+    def finish(self) -> None:
+        """After this rank's rollout: join the levels other ranks still decode, until no rank has any left."""
+        self._kept = None
+        while self.agree is not None:
+            active, any_prefill = self.agree([0, 0])
+            if not active:
+                return
+            if any_prefill:
+                self._stand_in_forward()
+            ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+            config = copy.copy(self.generation_config)
+            config.max_new_tokens = 1
+            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                synced_gpus=True)  # fmt: skip
+
+    def _stand_in_forward(self) -> None:
+        """The forward another rank's prefill runs, on one token, so that this rank joins its collectives."""
+        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)

@@ -88,7 +88,8 @@ def build_qwen_tokenizer(vocab_size: int = 8192):
 
 
 # Tiny offline configs of the model families users train, for tests that a feature is exact or refused on each.
-TINY_FAMILIES = ("qwen2", "llama", "qwen3", "mistral", "gemma3", "lfm2", "nemotron_h", "qwen3_next", "gpt2")
+TINY_FAMILIES = ("qwen2", "llama", "qwen3", "mistral", "gemma3", "lfm2", "nemotron_h", "qwen3_next", "gpt2", "stablelm",
+                 "nemotron", "falcon", "mixtral", "qwen3_moe", "olmoe")  # fmt: skip
 
 
 def tiny_config(
@@ -108,7 +109,11 @@ def tiny_config(
     - `mistral`: every layer a `sliding_window`-token window; `gemma3`: a sliding and a full layer;
     - `lfm2`: a convolution layer and an attention layer; `nemotron_h`: Mamba2, attention and MoE layers;
       `qwen3_next`: a linear-attention (gated delta rule) layer and an attention layer with MoE;
-    - `gpt2`: absolute position embeddings.
+    - `gpt2`: absolute position embeddings;
+    - `stablelm`, `nemotron`: rotary full attention, but decoder layers that do not hand their attention extra
+      keyword arguments; `falcon`: rotary attention that calls PyTorch's SDPA itself;
+    - `mixtral`, `qwen3_moe`, `olmoe`: mixture-of-experts layers, with `output_router_logits=True` (the
+      load-balancing loss).
     """
     import transformers
 
@@ -152,11 +157,34 @@ def tiny_config(
             linear_key_head_dim=16, linear_value_head_dim=16, num_experts=2, shared_expert_intermediate_size=hidden_size,
             **moe,
         )  # fmt: skip
+    if family in ("stablelm", "nemotron", "falcon", "mixtral", "qwen3_moe", "olmoe"):
+        return _rotary_edge_case_config(family, common, head_dim, moe)
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers,
                                        n_head=num_attention_heads, n_positions=max_position_embeddings,
-                                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)  # fmt: skip
+                                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     raise ValueError(f"Unknown family {family!r}. Choose one of: {', '.join(TINY_FAMILIES)}.")
+
+
+def _rotary_edge_case_config(family: str, common: dict, head_dim: int, moe: dict):
+    """Rotary full-attention families that need more than the architecture checks: attention that never receives the
+    tree (`stablelm`, `nemotron`, `falcon`) and experts with a router loss (`mixtral`, `qwen3_moe`, `olmoe`)."""
+    import transformers
+
+    if family == "stablelm":
+        return transformers.StableLmConfig(**common)
+    if family == "nemotron":
+        return transformers.NemotronConfig(**common, head_dim=head_dim)
+    if family == "falcon":
+        falcon = {key: value for key, value in common.items() if key not in ("num_key_value_heads", "intermediate_size")}
+        return transformers.FalconConfig(**falcon, num_kv_heads=common["num_key_value_heads"],
+                                         new_decoder_architecture=True, alibi=False, bias=False)  # fmt: skip
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=2, num_experts_per_tok=1, output_router_logits=True)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, head_dim=head_dim, num_experts=2, output_router_logits=True, **moe)
+    return transformers.OlmoeConfig(**common, num_experts=2, num_experts_per_tok=1, output_router_logits=True)
 
 
 def make_tiny_model(

@@ -181,7 +181,14 @@ class AdvantageStep:
             rewards, paths, lengths.tolist(), args.tree_segment_length,
             discount=args.tree_segment_advantage_discount, segment_ends=segment_ends,
         )  # fmt: skip
-        token_weights = (torch.arange(advantages.size(1))[None, :] < lengths[:, None]).double() * keep.cpu()[:, None]
+        # The tokens that train: completion tokens of kept rows, tool results excluded (they carry no policy gradient).
+        policy_mask = (output["completion_mask"] * output.get("tool_mask", 1)).tolist()
+        policy_rows = [row for process_rows in gather_object([policy_mask]) for row in process_rows]
+        token_weights = torch.zeros_like(advantages)
+        for row, mask in enumerate(policy_rows):
+            columns = min(len(mask), token_weights.size(1))
+            token_weights[row, :columns] = torch.tensor(mask[:columns], dtype=token_weights.dtype)
+        token_weights *= keep.cpu()[:, None].double()
         if args.tree_advantage_normalization == "batch_whiten":
             advantages = whiten(advantages, token_weights)
         advantages = (torch.nan_to_num(advantages, nan=0.0) * token_weights).float()

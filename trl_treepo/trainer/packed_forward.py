@@ -15,8 +15,17 @@ import logging
 import torch
 from trl.trainer import grpo_trainer
 
-from ..architecture import packing_obstacle
-from ..packing import PACKING_TOLERANCE, WRAPPED_ATTENTION, install_tree_attention, pack_rows, shuffle_whole_trees
+from ..architecture import active_dropout, attention_layer_count, packing_obstacle
+from ..packing import (
+    WRAPPED_ATTENTION,
+    install_tree_attention,
+    pack_rows,
+    packing_tolerance,
+    shuffle_whole_trees,
+    stand_in_sequence,
+    tf32_matmuls,
+)
+from .lockstep import Lockstep
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +54,11 @@ class PackedForward:
 
     def __init__(self, trainer):
         self.trainer = trainer
+        self.lockstep = Lockstep(trainer.accelerator)
         self.verified: bool | None = None
         self._warnings: set[str] = set()
-        self._obstacles: dict[int, str | None] = {}  # per model (policy, reference)
+        self._obstacles: dict[int, tuple] = {}  # per model (policy, reference): (architecture, dropout) obstacles
+        self._attention_layers: dict[int, int] = {}  # per model: attention layers a forward runs
         if trainer.args.tree_packed_training:
             install_tree_attention()
 
@@ -62,28 +73,48 @@ class PackedForward:
         if not self._packable(model, compute_aux_loss, multimodal_inputs):
             return None
         batch_size = batch_size or input_ids.size(0)  # TRL's memory chunking, kept; sharing is found within a chunk
+        if self.verified is None:
+            self.verified = self._self_check(model, input_ids, attention_mask, logits_to_keep, batch_size, unpacked)
+            if not self.verified:
+                return None
+        packed = self._packed(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy)
+        if packed is None:
+            return None
+        logps, entropies, packed_tokens, row_tokens = packed
+        if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
+            self.trainer._metrics["train"]["tree/packed_token_ratio"].append(packed_tokens / max(row_tokens, 1))
+        return logps, entropies, None
+
+    def _packed(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy):
+        """(log-probs, entropies or None, packed tokens, row tokens) of the rows, TRL's chunk at a time; None when the
+        tree-attention guard fails."""
         logps, entropies, packed_tokens, row_tokens = [], [], 0, 0
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
             packed = pack_rows(input_ids[rows], attention_mask[rows], logits_to_keep,
                                max_tokens=self.trainer.args.tree_packed_max_tokens)  # fmt: skip
+            # How many sequences a chunk packs into depends on this rank's trees; every rank runs as many forwards,
+            # agreed before the first one (under sharding each forward is a collective).
+            (most,) = self.lockstep.agree_max([len(packed.sequences)])
             outputs = [self._forward(model, sequence) for sequence in packed.sequences]
-            logps.append(packed.unpack([output.log_probs for output in outputs]))
+            stand_ins = [self._forward(model, stand_in_sequence(input_ids[start : start + 1]))
+                         for _ in range(most - len(outputs))]  # fmt: skip
+            if not self._every_layer_attended(model, packed.sequences):
+                return None
+            chunk_logps = packed.unpack([output.log_probs for output in outputs])
+            for stand_in in stand_ins:  # weight 0, but in the graph, so that its backward (and its collectives) runs
+                chunk_logps = chunk_logps + 0.0 * torch.nan_to_num(stand_in.log_probs, 0.0, 0.0, 0.0).sum()
+            logps.append(chunk_logps)
             if compute_entropy:
                 entropies.append(packed.unpack([output.entropy for output in outputs]))
             packed_tokens += packed.packed_tokens
             row_tokens += packed.row_tokens
-        logps = torch.cat(logps)
-        if self.verified is None:
-            self.verified = self._matches_unpacked(model, input_ids, attention_mask, logits_to_keep, batch_size, logps,
-                                                   unpacked)  # fmt: skip
-            if not self.verified:
-                return None
-        if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
-            self.trainer._metrics["train"]["tree/packed_token_ratio"].append(packed_tokens / max(row_tokens, 1))
-        return logps, torch.cat(entropies) if compute_entropy else None, None
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, packed_tokens, row_tokens
 
     def _forward(self, model, sequence):
+        # A MoE router's load-balancing loss reads the attention mask, which in a packed forward is a placeholder; the
+        # loss's own forward, which needs that loss, is never packed (`_packable`), so packed forwards skip it.
+        moe = {"output_router_logits": False} if self._routes(model) else {}
         with self.trainer.accelerator.autocast():
             return model(
                 input_ids=sequence.input_ids,
@@ -92,32 +123,72 @@ class PackedForward:
                 shift_labels=sequence.shift_labels,
                 fused_lm_head=True,
                 tree_attention=sequence.tree,
+                **moe,
             )
 
-    def _matches_unpacked(self, model, input_ids, attention_mask, logits_to_keep, batch_size, logps, unpacked) -> bool:
-        """First-use self-check: the packed log-probs of this batch against TRL's unpacked forward.
+    def _routes(self, model) -> bool:
+        config = self.trainer.accelerator.unwrap_model(model).config
+        return bool(getattr(config.get_text_config(), "output_router_logits", False))
 
-        Within `PACKING_TOLERANCE` of the model's precision, packing is on for the run; beyond it, it is off for the
-        run, with a warning that gives the gap, since the architecture checks cannot foresee every model.
-        """
-        accelerator = self.trainer.accelerator
-        with torch.no_grad():
-            reference = unpacked(model, input_ids, attention_mask, logits_to_keep, batch_size)[0]
-        valid = attention_mask[:, -logits_to_keep:].bool()
-        gaps = (logps.detach() - reference)[valid].abs().float()
-        if gaps.numel() == 0:
+    def _every_layer_attended(self, model, sequences) -> bool:
+        """The guard by construction: every attention layer attended with the tree in every packed forward. A layer
+        that drops the `tree_attention` argument, or calls its attention kernel itself, would attend over the packed
+        sequence with no tree mask at all (bidirectional, across branches); such a forward is thrown away, and packing
+        is off for the run, on every rank."""
+        unwrapped = self.trainer.accelerator.unwrap_model(model)
+        if id(unwrapped) not in self._attention_layers:
+            self._attention_layers[id(unwrapped)] = attention_layer_count(unwrapped)
+        expected = self._attention_layers[id(unwrapped)]
+        missed = [sequence.tree.calls for sequence in sequences if sequence.tree.calls != expected]
+        if self.lockstep.agree_all(not missed):
             return True
-        precision = accelerator.unwrap_model(model).dtype
+        self.verified = False
+        if missed:
+            logger.warning(
+                f"tree_packed_training is off for this run: in a packed forward, only {missed[0]} of the model's "
+                f"{expected} attention layers attended with the tree (the others would see every packed token, across "
+                "branches). This model's layers do not pass attention keyword arguments through; training continues "
+                "unpacked. Please report the model at the trl-treepo issue tracker."
+            )
+        else:
+            logger.warning("tree_packed_training is off for this run: another rank's packed forward failed the "
+                           "tree-attention guard; training continues unpacked.")  # fmt: skip
+        return False
+
+    def _self_check(self, model, input_ids, attention_mask, logits_to_keep, batch_size, unpacked) -> bool:
+        """First use: the packed log-probs of this batch against TRL's unpacked forward, position by position, in eval
+        mode (so that dropout draws no masks), within `packing_tolerance` of the precision the forward runs in
+        (TF32 included). One verdict for all ranks: packing is on for the run, or off, loudly, since the
+        architecture checks cannot foresee every model."""
+        accelerator = self.trainer.accelerator
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                packed = self._packed(model, input_ids, attention_mask, logits_to_keep, batch_size, False)
+                if packed is None:  # the guard already turned packing off, on every rank
+                    return False
+                reference = unpacked(model, input_ids, attention_mask, logits_to_keep, batch_size)[0]
+        finally:
+            model.train(was_training)
+        valid = attention_mask[:, -logits_to_keep:].bool()
+        gaps = (packed[0] - reference)[valid].abs().float()
+        unwrapped = accelerator.unwrap_model(model)
+        precision = unwrapped.dtype
         if accelerator.mixed_precision in ("bf16", "fp16"):
             precision = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
-        max_gap, mean_gap = PACKING_TOLERANCE.get(precision, PACKING_TOLERANCE[torch.bfloat16])
-        if gaps.max() <= max_gap and gaps.mean() <= mean_gap:
+        tf32 = precision == torch.float32 and unwrapped.device.type == "cuda" and tf32_matmuls()
+        absolute, relative = packing_tolerance(precision, tf32)
+        over = gaps > absolute + relative * reference[valid].abs().float()
+        if self.lockstep.agree_all(not over.any()):
             return True
+        worst = gaps.max().item() if gaps.numel() else 0.0
         logger.warning(
             f"tree_packed_training is off for this run: on the first batch, packed log-probs differ from the unpacked "
-            f"ones by up to {gaps.max().item():.3g} (mean {gaps.mean().item():.3g}; tolerance {max_gap} / {mean_gap} "
-            f"in {precision}). This model's attention or positions do not allow exact packing; training continues "
-            "unpacked. Please report the model at the trl-treepo issue tracker."
+            f"ones beyond the {'TF32' if tf32 else precision} tolerance ({absolute} + {relative} × |log p|) at "
+            f"{int(over.sum())} of {over.numel()} positions on this rank (largest gap {worst:.3g}). This model's "
+            "attention or positions do not allow exact packing; training continues unpacked. Please report the model "
+            "at the trl-treepo issue tracker."
         )
         return False
 
@@ -125,12 +196,16 @@ class PackedForward:
         """Whether this forward can be packed exactly; if not, a one-time warning says why (spec: exact or refused)."""
         unwrapped = self.trainer.accelerator.unwrap_model(model)
         if id(unwrapped) not in self._obstacles:  # the architecture does not change during a run
-            self._obstacles[id(unwrapped)] = packing_obstacle(unwrapped, self.PACKABLE_ATTENTION)
-        reason = self._obstacles[id(unwrapped)]
+            self._obstacles[id(unwrapped)] = (
+                packing_obstacle(unwrapped, self.PACKABLE_ATTENTION), active_dropout(unwrapped)
+            )
+        reason, dropout = self._obstacles[id(unwrapped)]
         if reason is None and compute_aux_loss:
             reason = "the MoE load-balancing loss is computed per row"
         if reason is None and any(value is not None for value in multimodal_inputs.values()):
             reason = "multimodal inputs are not packed"
+        if reason is None and model.training:
+            reason = dropout
         if reason is not None and reason not in self._warnings:
             self._warnings.add(reason)
             logger.warning(f"tree_packed_training falls back to the unpacked forward for this model: {reason}.")

@@ -34,6 +34,7 @@ from ..backends.vllm import (
 )
 from ..tools import PromptTools, ToolExecutor
 from ..tree import FinishReason, Leaf, RolloutStats, TreeRollout, grow_trees
+from .lockstep import Lockstep
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class TreeRollouts:
         self.trainer = trainer
         self.batch: TreeBatch | None = None
         self.inputs = None  # the batch's examples, for `reset` when an environment is rebuilt ("replay")
+        self.executor: ToolExecutor | None = None  # the batch's tools and the environments made for its paths
         self._rollout_step, self._rollouts_at_step = None, 0  # see `_next_rollout`
         self._warned_context = False
         args = trainer.args
@@ -115,11 +117,19 @@ class TreeRollouts:
 
     def begin(self, inputs) -> None:
         """A new generation batch of these examples starts."""
+        self._close_environments()  # left open by a step that failed before `take_batch`
         self.batch, self.inputs = None, inputs
 
     def take_batch(self) -> TreeBatch:
+        """The batch, once TRL has scored it: the environments made for its paths are closed now."""
+        self._close_environments()
         batch, self.batch = self.batch, None
         return batch
+
+    def _close_environments(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
 
     def generate(self, prompt_ids, images, multimodal_fields, num_generations):
         """`_generate_single_turn`'s result for a tree rollout: each row's completion ids and sampling logprobs."""
@@ -139,9 +149,10 @@ class TreeRollouts:
         ]
         row_leaves = [leaf for leaf, _ in rows]
         self.batch = TreeBatch(paths, [padded for _, padded in rows], row_leaves, stats)
-        if trainer.tools and trainer.environments is not None:
+        if self.executor is not None and trainer.environments is not None:
             # TRL hands `environments` to the reward functions (and `get_reward`): each row gets its leaf's instance.
-            trainer.environments = [leaf.tool_state.instance for leaf in row_leaves]
+            trainer.environments = [self.executor.environment_of(leaf) for leaf in row_leaves]
+            stats.tool_replays = self.executor.environments.replayed_calls
         completion_ids = [list(leaf.token_ids) for leaf, _ in rows]
         # TRL feeds sampling logprobs to vLLM importance sampling; the transformers path has none, as in TRL.
         logprobs = [leaf.logprobs for leaf, _ in rows] if trainer.use_vllm else None
@@ -252,7 +263,7 @@ class TreeRollouts:
                                              self.group, **server_retries)  # fmt: skip
                 return rows, stats, ("server", rollout_id)
         roots = self._unique_prompts(prompt_ids, num_generations)
-        tools = self._tool_executor(len(roots), num_generations) if trainer.tools else None
+        tools = self.executor = self._tool_executor(len(roots), num_generations) if trainer.tools else None
         if trainer.use_vllm and trainer.vllm_mode == "server":
             # Tools run where their examples' environments live, so each process grows its own trees on the server.
             rollout = local_server_rollout(trainer.vllm_generation, roots, params, decode, tools, self.group,
@@ -300,14 +311,18 @@ class TreeRollouts:
             torch.no_grad(),
             trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False),
         ):
+            lockstep = Lockstep(trainer.accelerator)  # every rank runs as many levels, prefills and generate calls
             engine = TransformersSegmentEngine(
                 unwrapped_model,
                 trainer.generation_config,
                 trainer._tokenizer.pad_token_id,
                 reuse_kv_cache=trainer.args.tree_reuse_kv_cache,
                 return_logprobs=params.needs_logprobs,
+                agree=lockstep.agree_max if lockstep.active else None,
             )
-            return grow_trees(engine, roots, params, trainer._tokenizer.decode, tools)
+            rollout = grow_trees(engine, roots, params, trainer._tokenizer.decode, tools)
+            engine.finish()
+            return rollout
 
     # ------------------------------------------------------------------------------------------------- tool calls
 

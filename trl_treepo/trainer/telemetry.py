@@ -49,6 +49,7 @@ class TreeTelemetry:
                 stats.tool_calls,
                 stats.sequential_tool_calls,
                 stats.tool_failures,
+                stats.tool_replays,
             ],
             dtype=torch.float64,
             device=trainer.accelerator.device,
@@ -72,11 +73,13 @@ class TreeTelemetry:
         if trainer.tools:
             # The saving: tool calls run once per tree node, against once per leaf in sequential rollouts of the same
             # trajectories.
-            tool_calls, sequential_calls, tool_failures = totals[8 + len(FinishReason) :]
+            tool_calls, sequential_calls, tool_failures, replays = totals[8 + len(FinishReason) :]
             metrics["tree/tool_calls"].append(tool_calls)
             metrics["tree/sequential_tool_calls"].append(sequential_calls)
             metrics["tree/tool_call_ratio"].append(tool_calls / sequential_calls if sequential_calls else 1.0)
             metrics["tree/tool_failures"].append(tool_failures)
+            if trainer.args.tree_environment_branching == "replay":
+                metrics["tree/tool_replays"].append(replays)
 
     def write_tree_picture(self, batch, output: dict, rewards: torch.Tensor) -> None:
         """The main process's first tree of this step, with rewards (every process's summed row rewards) and
