@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The wheels the GPU machine lacks (scripts/gpu-wheels.txt), for Python 3.12 on x86-64 Linux, into build/gpu-wheels:
+# the device tool carries that folder, and scripts/gpu_check.sh installs it there. See docs/benchmarks.md.
+gpu-wheels: setup
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		-d build/gpu-wheels -r scripts/gpu-wheels.txt
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -119,6 +119,15 @@ class Backend:
         torch.manual_seed(value)
 
 
+def task_dataset(task: str, size: int, seed: int):
+    """`size` problems of a reasoning-gym `task`, or of `synthetic` sums (no reasoning-gym needed)."""
+    from ..testing import make_math_dataset, make_synthetic_dataset
+
+    if task == "synthetic":
+        return make_synthetic_dataset(size, seed)
+    return make_math_dataset(task, size=size, seed=seed)
+
+
 def load_prompts(args, tokenizer) -> list[list[int]]:
     if args.dataset:
         from datasets import load_dataset, load_from_disk
@@ -126,9 +135,7 @@ def load_prompts(args, tokenizer) -> list[list[int]]:
         dataset = load_from_disk(args.dataset) if Path(args.dataset).is_dir() else load_dataset(args.dataset, split="train")
         rows = dataset.select(range(min(args.prompts, len(dataset))))
     else:
-        from ..testing import make_math_dataset
-
-        rows = make_math_dataset(args.task, size=args.prompts, seed=args.seed + 1000)
+        rows = task_dataset(args.task, args.prompts, args.seed + 1000)
     prompts = []
     for row in rows:
         prompt = row["prompt"]

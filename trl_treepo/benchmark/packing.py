@@ -13,9 +13,14 @@ from ..tree import grow_trees
 from .harness import run_worker, worker_result
 
 
-# Qwen2.5-0.5B's attention shape (hidden 896, 14 query heads, 2 KV heads, MLP 4864) with few layers and the 8k
-# offline vocabulary: the per-token work of a real model, small enough for two CPU cores.
-PACKING_MODEL = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864)
+# Qwen2.5's layer shapes (hidden size, query heads, KV heads, MLP), used with few layers and the 8k offline vocabulary:
+# the per-token work of a real model. 0.5B is small enough for two CPU cores; 1.5B and 7B are for a GPU.
+PACKING_SHAPES = {
+    "0.5b": dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864),
+    "1.5b": dict(hidden_size=1536, num_attention_heads=12, num_key_value_heads=2, intermediate_size=8960),
+    "7b": dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, intermediate_size=18944),
+}
+PACKING_MODEL = PACKING_SHAPES["0.5b"]
 PACKING_MODES = ("unpacked", "dense", "tree")
 
 
@@ -53,21 +58,11 @@ def _current_rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def packing_worker(args) -> dict:
-    """Loss forward + backward of one micro-batch (one tree of `--width` leaves) in one mode, in its own process."""
+def _one_tree_as_rows(args, device):
+    """One tree of `--width` leaves in TRL's layout (left-padded prompt, right-padded completions): ids, mask, and the
+    prompt and completion widths. Gradient accumulation 4 over 4 trees: a micro-batch holds one whole tree."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
 
-    from ..packing import install_tree_attention, pack_rows
-
-    torch.manual_seed(args.seed)
-    config = Qwen2Config(vocab_size=8214, num_hidden_layers=args.layers, max_position_embeddings=32768,
-                         tie_word_embeddings=False, **PACKING_MODEL)  # fmt: skip
-    model = Qwen2ForCausalLM(config).train()
-    add_fused_lm_head(model)
-    install_tree_attention()
-    # Gradient accumulation 4 over 4 trees: a micro-batch holds one whole tree (tree-aware micro-batches).
     rows = synthetic_tree_rows(4, args.width, args.segment_length, args.depth, args.seed)[: args.width]
     prompt_width = max(len(p) for p, _ in rows)
     width = max(len(c) for _, c in rows)
@@ -76,24 +71,50 @@ def packing_worker(args) -> dict:
     for row, (prompt, completion) in enumerate(rows):
         ids[row, prompt_width - len(prompt) : prompt_width + len(completion)] = torch.tensor(prompt + completion)
         mask[row, prompt_width - len(prompt) : prompt_width + len(completion)] = 1
-    advantages = torch.randn(len(rows), 1)
+    return ids.to(device), mask.to(device), prompt_width, width
+
+
+def packing_worker(args) -> dict:
+    """Loss forward + backward of one micro-batch (one tree of `--width` leaves) in one mode, in its own process.
+
+    Mode `unpacked` runs TRL's rows with `--attention` (the model's attention implementation), `dense` the packed
+    sequence with an L × L mask, `tree` the packed sequence with tree attention; `tree` also reports the largest
+    |packed − unpacked| log-prob. On a GPU, one untimed step first loads the kernels, and peak memory is CUDA's.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ..packing import install_tree_attention, pack_rows
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.float32}[args.dtype]
+    torch.manual_seed(args.seed)
+    config = Qwen2Config(vocab_size=8214, num_hidden_layers=args.layers, max_position_embeddings=32768,
+                         tie_word_embeddings=False, **PACKING_SHAPES[args.shape])  # fmt: skip
+    config._attn_implementation = args.attention
+    model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype).train()
+    add_fused_lm_head(model)
+    install_tree_attention()
+    ids, mask, prompt_width, width = _one_tree_as_rows(args, device)
+    advantages = torch.randn(len(ids), 1, device=device)
     completion_mask = mask[:, prompt_width:].float()
 
     def loss_of(logps):  # DAPO-style token mean of -A * logp, as TRL's loss on the first pass
-        return -(logps * advantages * completion_mask).sum() / completion_mask.sum()
+        return -(logps.float() * advantages * completion_mask).sum() / completion_mask.sum()
+
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :prompt_width] = -100
+
+    def unpacked():
+        return model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs[:, -width:]
 
     packed = pack_rows(ids, mask, width)
-    if args.packing_worker == "unpacked":
-        labels = ids.masked_fill(mask == 0, -100)
-        labels[:, :prompt_width] = -100
-
-        def step():
-            return model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs[:, -width:]
-
-    else:
+    step = unpacked
+    if args.packing_worker != "unpacked":
         sequence = packed.sequences[0]
         tree = args.packing_worker == "tree"
-        attention = sequence.attention_mask if tree else sequence.tree.dense_mask()
+        attention = sequence.attention_mask if tree else sequence.tree.dense_mask().to(device)
         extra = {"tree_attention": sequence.tree} if tree else {}
 
         def step():
@@ -101,49 +122,80 @@ def packing_worker(args) -> dict:
                            shift_labels=sequence.shift_labels, fused_lm_head=True, **extra)  # fmt: skip
             return packed.unpack([output.log_probs])
 
+    if device.type == "cuda":
+        loss_of(step()).backward()  # kernels load on first use
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     before = _current_rss_mb()
     started = time.perf_counter()
-    loss_of(step()).backward()
+    logps = step()
+    loss_of(logps).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    )  # fmt: skip
+    result = {
         "mode": args.packing_worker,
         "loss_s": seconds,
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before,
+        "peak_mb": peak,
         "row_tokens": packed.row_tokens,
         "padded_tokens": ids.numel(),  # what the unpacked forward computes: every row padded to the longest
         "unique_tokens": packed.packed_tokens,
         "leaf_tokens": int(completion_mask.sum()),
     }
+    if args.packing_worker == "tree":
+        with torch.no_grad():
+            reference = unpacked()
+        valid = completion_mask.bool()
+        result["max_logprob_gap"] = (logps.detach().float() - reference.float())[valid].abs().max().item()
+    return result
 
 
-def compare_packing(argv: list[str], shapes: list[tuple[int, int]], dense_limit: int) -> list[dict]:
-    """Each shape (segment length, depth) in every mode, each in a fresh process (peak RSS is per process)."""
+def compare_packing(argv: list[str], shapes: list[tuple[int, int]], dense_limit: int,
+                    modes: tuple[str, ...] = PACKING_MODES) -> list[dict]:  # fmt: skip
+    """Each shape (segment length, depth) in every mode, each in a fresh process (peak memory is per process).
+
+    A mode `unpacked:IMPLEMENTATION` runs the unpacked rows with another attention implementation (e.g.
+    `unpacked:flex_attention`), reported as `unpacked_IMPLEMENTATION`.
+    """
     results = []
     for segment_length, depth in shapes:
         point = {"segment_length": segment_length, "depth": depth}
-        for mode in PACKING_MODES:
+        for mode in modes:
+            worker, _, attention = mode.partition(":")
+            key = f"{worker}_{attention}" if attention else mode
             if mode == "dense" and point.get("unique_tokens", 0) > dense_limit:
                 point[mode] = None  # an L × L mask would not fit: skipped, as the dense path cannot run there
                 continue
-            finished = run_worker([*argv, "--segment-length", str(segment_length), "--depth", str(depth),
-                                   "--packing-worker", mode])  # fmt: skip
+            extra = ["--attention", attention] if attention else []
+            finished = run_worker([*argv, *extra, "--segment-length", str(segment_length), "--depth", str(depth),
+                                   "--packing-worker", worker])  # fmt: skip
             if finished.returncode != 0:  # killed for memory (the dense mask, or unpacked rows at the largest shapes)
                 print(f"{mode} did not run at {depth} × {segment_length} (exit {finished.returncode}): "
                       f"{finished.stderr.strip()[-300:]}", flush=True)  # fmt: skip
-                point[mode] = None
+                point[key] = None
                 continue
             result = worker_result(finished)
-            point.update({key: result[key] for key in ("row_tokens", "padded_tokens", "unique_tokens")})
-            point[mode] = {"loss_s": result["loss_s"], "peak_mb": result["peak_mb"]}
+            point.update({name: result[name] for name in ("row_tokens", "padded_tokens", "unique_tokens")})
+            point[key] = {"loss_s": result["loss_s"], "peak_mb": result["peak_mb"]}
+            if "max_logprob_gap" in result:
+                point["max_logprob_gap"] = result["max_logprob_gap"]
+        if "row_tokens" not in point:  # no mode ran at this shape
+            results.append(point)
+            continue
         point["packed_token_ratio"] = point["unique_tokens"] / point["row_tokens"]
         point["ideal_speedup"] = 1 / point["packed_token_ratio"]
         for mode in ("dense", "tree"):
-            if point[mode] is not None and point["unpacked"] is not None:
+            if point.get(mode) is not None and point.get("unpacked") is not None:
                 point[f"{mode}_speedup"] = point["unpacked"]["loss_s"] / point[mode]["loss_s"]
+        keys = [m.replace(":", "_") for m in modes]
         print(f"{depth:2d} × {segment_length:3d}: {point['row_tokens']:6d} row tokens, {point['unique_tokens']:6d} "
               f"unique (ratio {point['packed_token_ratio']:.2f}, ideal {point['ideal_speedup']:.2f}x) | "
-              + " | ".join(f"{m} {point[m]['loss_s']:.1f} s {point[m]['peak_mb']:.0f} MB" if point[m] else f"{m} -"
-                           for m in PACKING_MODES), flush=True)  # fmt: skip
+              + " | ".join(f"{m} {point[m]['loss_s']:.1f} s {point[m]['peak_mb']:.0f} MB" if point.get(m) else f"{m} -"
+                           for m in keys), flush=True)  # fmt: skip
         results.append(point)
     return results
 
@@ -157,7 +209,7 @@ def plot_packing(points: list[dict], path: str) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     styles = {"unpacked": ("unpacked rows", "o"), "dense": ("dense-mask packing", "s"), "tree": ("tree attention", "^")}
     for mode, (label, marker) in styles.items():
-        measured = sorted((p["unique_tokens"], p[mode]) for p in points if p[mode] is not None)
+        measured = sorted((p["unique_tokens"], p[mode]) for p in points if p.get(mode) is not None)
         # unpacked rows cost what their padding costs, not what the tree holds: points, not a curve
         line = "none" if mode == "unpacked" else "-"
         for axis, value in ((axes[0], lambda m: m["peak_mb"] / 1024), (axes[1], lambda m: m["loss_s"])):
