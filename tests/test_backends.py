@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from trl.import_utils import is_vllm_available

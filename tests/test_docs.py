@@ -59,7 +59,7 @@ def _source(path: Path) -> str:
 
 
 def test_every_option_the_docs_give_a_script_exists():
-    scripts = {"examples/demo.py": "examples/demo.py", "trl_treepo.learning": "trl_treepo/learning.py",
+    scripts = {"examples/demo.py": "examples/demo.py", "trl_treepo.learning": "trl_treepo/learning",
                "trl_treepo.benchmark": "trl_treepo/benchmark"}  # fmt: skip
     checked = 0
     for page in [DOCS.parent / "README.md", *DOCS.glob("*.md")]:

@@ -11,10 +11,10 @@ import sys
 
 from . import __doc__ as PACKAGE_DOC
 from .harness import DEFAULT_MODEL_DIR, DEFAULT_TOOL_MODEL_DIR, Backend, load_prompts, sampling_params
-from .packing import PACKING_MODEL, PACKING_MODES, compare_packing, packing_worker, plot_packing
+from .packing import PACKING_MODES, PACKING_SHAPES, compare_packing, packing_worker, plot_packing
 from .rollout import compare, plot_sweep, sweep_depths
 from .tools import tool_prompts
-from .training import TRAINERS, compare_training_steps, train_worker
+from .training import PHASES, TRAINERS, compare_training_steps, train_worker
 
 
 def rollout_table(report: dict) -> str:
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--model", help=f"model path or id (default: the warmed-up tiny model in {DEFAULT_MODEL_DIR})")
-    parser.add_argument("--task", default="gsm_symbolic", help="reasoning-gym task for prompts")
+    parser.add_argument("--task", default="gsm_symbolic",
+                        help="reasoning-gym task for prompts, or `synthetic` (two-number sums, no reasoning-gym)")
     parser.add_argument("--dataset", help="a dataset name or saved directory with a `prompt` column, instead of --task")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--width", type=int, default=16, help="leaves per prompt (num_generations); paper: 16")
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-depths", help="comma-separated depths at a fixed budget of segment-length × depth")
     parser.add_argument("--plot", help="PNG path for the TokenPS-vs-depth plot of --sweep-depths")
     parser.add_argument("--train", action="store_true", help="also compare a TreePOTrainer step with a GRPOTrainer step")
+    parser.add_argument("--train-only", action="store_true", help="compare the training steps, without the rollouts")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--tools", action="store_true", help="the agentic case: calculator problems, tool calls in "
                         "rollouts (default model: a tiny model warmed to call the tool)")
@@ -84,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-worker", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--packing", help="compare the packed-training paths on synthetic trees of these shapes, "
                         "comma-separated depth×segment-length (e.g. 4x256,8x512,14x512); skips the rollout benchmark")
-    parser.add_argument("--layers", type=int, default=2, help="--packing: layers of the Qwen2.5-0.5B-shaped model")
+    parser.add_argument("--layers", type=int, default=2, help="--packing: layers of the Qwen2.5-shaped model")
+    parser.add_argument("--shape", choices=sorted(PACKING_SHAPES), default="0.5b",
+                        help="--packing: the Qwen2.5 size whose layer shapes the model takes")
+    parser.add_argument("--packing-modes", default=",".join(PACKING_MODES),
+                        help="--packing: comma-separated modes among unpacked, dense, tree, and unpacked:ATTENTION "
+                        "(unpacked rows with another attention implementation, e.g. unpacked:flex_attention)")
+    parser.add_argument("--attention", default="sdpa", help=argparse.SUPPRESS)  # the packing worker's implementation
     parser.add_argument("--dense-limit", type=int, default=30000,
                         help="--packing: skip the dense-mask path above this many unique tokens")
     parser.add_argument("--packing-worker", choices=PACKING_MODES, help=argparse.SUPPRESS)
@@ -94,13 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _packing_report(args) -> dict:
     """`--packing`: synthetic trees on a random model; no rollout, no warmed-up model."""
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.packing.split(",")]
-    worker_argv = ["--layers", str(args.layers), "--width", str(args.width), "--seed", str(args.seed)]
-    points = compare_packing(worker_argv, [(length, depth) for depth, length in shapes], args.dense_limit)
+    worker_argv = ["--layers", str(args.layers), "--width", str(args.width), "--seed", str(args.seed), "--shape",
+                   args.shape, "--dtype", args.dtype]  # fmt: skip
+    modes = tuple(mode.strip() for mode in args.packing_modes.split(","))
+    points = compare_packing(worker_argv, [(length, depth) for depth, length in shapes], args.dense_limit, modes)
     report = {"packing": points, "setup": {"layers": args.layers, "width": args.width, "seed": args.seed,
-                                           "device": f"cpu ({os.cpu_count()} cores)", **PACKING_MODEL}}  # fmt: skip
+                                           "device": _device_name(), "shape": args.shape, "dtype": args.dtype,
+                                           **PACKING_SHAPES[args.shape]}}  # fmt: skip
     if args.plot:
         plot_packing(points, args.plot)
     return report
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
 def _default_model(args, argv: list[str]) -> None:
@@ -116,7 +133,6 @@ def _default_model(args, argv: list[str]) -> None:
 
 def _rollout_report(args, argv: list[str]) -> dict:
     """Sequential vs tree rollouts (and `--sweep-depths`, `--train` after them)."""
-    import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -135,7 +151,7 @@ def _rollout_report(args, argv: list[str]) -> dict:
     report["setup"] = {
         "backend": args.backend,
         "model": str(args.model),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "device": _device_name(),
         "prompts": len(prompts),
         "width": args.width,
         "segment_length": args.segment_length,
@@ -172,7 +188,16 @@ def _train_report(argv: list[str]) -> dict:
           f"{train['treepo-packed']['packed_token_ratio']:.2f}); peak memory "
           f"{train['treepo']['peak_memory_mb']:.0f} → {train['treepo-packed']['peak_memory_mb']:.0f} MB",
           flush=True)  # fmt: skip
+    print(phase_table(train), flush=True)
     return train
+
+
+def phase_table(train: dict) -> str:
+    """Median seconds per step of each phase, one column per trainer (`training.PHASES`)."""
+    lines = [f"{'phase (s per step)':24}" + "".join(f"{name:>16}" for name in TRAINERS)]
+    for phase in (*PHASES, "step"):
+        lines.append(f"{phase:24}" + "".join(f"{train[name]['phases'][phase]:>16.3f}" for name in TRAINERS))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,7 +214,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model is None:
             _default_model(args, argv)
         args.device_is_cpu = not torch.cuda.is_available()
-        report = train_worker(args) if args.train_worker else _rollout_report(args, argv)
+        if args.train_worker:
+            report = train_worker(args)
+        elif args.train_only:
+            report = {"train": _train_report([a for a in argv if a not in ("--train-only", "--json")])}
+        else:
+            report = _rollout_report(args, argv)
     if args.json or args.packing_worker or args.train_worker:  # workers hand their result back on the last line
         print(json.dumps(report))
     return report

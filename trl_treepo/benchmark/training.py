@@ -8,43 +8,112 @@ import resource
 import statistics
 import time
 
-from .harness import run_worker, worker_result
+from .harness import run_worker, task_dataset, worker_result
 
 TRAINERS = ("grpo", "treepo", "treepo-packed")
 
 
-class _StepTimes:
-    """Wall time of each training step, and of its loss forward + backward (see `time_loss`)."""
+# The phases of a training step, each timed exclusive of the phases nested in it (an engine call inside the rollout
+# counts as "engine" only). What no phase covers is "other": TRL's batching, padding, logging, the callbacks.
+PHASES = ("engine", "rollout", "weight_sync", "rewards", "advantages", "logps_no_grad", "loss_forward_backward",
+          "optimizer", "other")  # fmt: skip
+
+
+class StepProfile:
+    """Wall time of each training step, split into `PHASES` by wrapping the methods that do each part.
+
+    `engine`: the generation engine's calls (vLLM's `LLM.generate`; transformers' `generate` and the tree engine's
+    prefill). `rollout`: the rest of TRL's `_generate_single_turn` (GRPO) or of the tree rollout (TreePO: the
+    sampler's bookkeeping, stop rules and decoding of segments). `rewards`: the reward functions. `advantages`: the
+    tree advantage step (GRPO computes its advantages inline, in "other"). `logps_no_grad`: old and reference
+    log-probabilities. `loss_forward_backward`: the loss's forward and backward. `optimizer`: the optimizer step.
+    """
 
     def __init__(self):
-        self.times, self.started, self.loss_times = [], None, []
+        self.steps: list[dict[str, float]] = []
+        self._stack: list[list[float]] = []  # per open phase: [its start, time of phases nested in it]
+        self._step_started = None  # None outside a step: what runs between steps (evaluation) is not timed
+        self._optimizer_started = None
+
+    def add(self, phase: str, seconds: float) -> None:
+        if self._step_started is not None:
+            self.steps[-1][phase] += seconds
+
+    def wrap(self, function, phase):
+        """`function`, its exclusive time added to `phase` (a name, or a callable choosing it per call; None: not
+        timed)."""
+        profile = self
+
+        def timed(*args, **kwargs):
+            name = phase(*args, **kwargs) if callable(phase) else phase
+            if name is None or profile._step_started is None:
+                return function(*args, **kwargs)
+            profile._stack.append([time.perf_counter(), 0.0])
+            try:
+                return function(*args, **kwargs)
+            finally:
+                started, nested = profile._stack.pop()
+                elapsed = time.perf_counter() - started
+                profile.add(name, elapsed - nested)
+                if profile._stack:
+                    profile._stack[-1][1] += elapsed
+
+        return timed
 
     def callback(self):
         from transformers import TrainerCallback
 
-        timer = self
+        profile = self
 
-        class StepTimes(TrainerCallback):
+        class Phases(TrainerCallback):
             def on_step_begin(self, *a, **k):
-                timer.started = time.perf_counter()
-                timer.loss_times.append(0.0)
+                profile.steps.append(dict.fromkeys(PHASES, 0.0))
+                profile._step_started = time.perf_counter()
+
+            def on_pre_optimizer_step(self, *a, **k):
+                profile._optimizer_started = time.perf_counter()
+
+            def on_optimizer_step(self, *a, **k):
+                profile.add("optimizer", time.perf_counter() - profile._optimizer_started)
 
             def on_step_end(self, *a, **k):
-                timer.times.append(time.perf_counter() - timer.started)
+                step = profile.steps[-1]
+                step["step"] = time.perf_counter() - profile._step_started
+                step["other"] = step["step"] - sum(step[phase] for phase in PHASES if phase != "other")
+                profile._step_started = None
 
-        return StepTimes()
+        return Phases()
 
-    def time_loss(self, function):
-        """`function`, adding the time of each call to the current step's loss time."""
+    def install(self, trainer) -> None:
+        """Wrap `trainer`'s parts (and the engines') so that their time lands in their phase."""
+        import torch
+        from transformers import GenerationMixin
 
-        def wrapper(*a, **k):
-            started = time.perf_counter()
-            try:
-                return function(*a, **k)
-            finally:
-                self.loss_times[-1] += time.perf_counter() - started
+        from ..backends.transformers import TransformersSegmentEngine
 
-        return wrapper
+        patches = [(GenerationMixin, "generate", "engine"), (TransformersSegmentEngine, "_prefill", "engine")]
+        if getattr(trainer, "vllm_generation", None) is not None:
+            llm = getattr(trainer.vllm_generation, "llm", None)
+            if llm is not None:
+                patches.append((llm, "generate", "engine"))
+            patches.append((trainer.vllm_generation, "sync_weights", "weight_sync"))
+        patches += [
+            (trainer, "_generate_single_turn", "rollout"),
+            (trainer, "_calculate_rewards", "rewards"),
+            (trainer, "_get_per_token_logps_and_entropies", lambda *a, **k: None if torch.is_grad_enabled()
+             else "logps_no_grad"),  # under grad, the loss's own forward: "loss_forward_backward"
+            (trainer, "compute_loss", "loss_forward_backward"),
+            (trainer.accelerator, "backward", "loss_forward_backward"),
+        ]
+        if hasattr(trainer, "_advantage_step"):
+            patches.append((trainer._advantage_step, "replace_advantages", "advantages"))
+        for owner, name, phase in patches:
+            setattr(owner, name, self.wrap(getattr(owner, name), phase))
+
+    def medians(self, skip: int) -> dict[str, float]:
+        """Median seconds per step of each phase (and of the whole step), after `skip` warm-up steps."""
+        steps = self.steps[skip:]
+        return {key: statistics.median(step[key] for step in steps) for key in (*PHASES, "step")}
 
 
 def _length_reward(completions, **kwargs):
@@ -102,23 +171,22 @@ def train_worker(args) -> dict:
 
     import torch
 
-    from ..testing import make_math_dataset
-
     steps = args.warmup + args.repeats
-    dataset = make_math_dataset(args.task, size=args.prompts * steps, seed=args.seed)
+    dataset = task_dataset(args.task, args.prompts * steps, args.seed)
     with tempfile.TemporaryDirectory() as out:
         trainer = _trainer(args, out, dataset)
-        timer = _StepTimes()
-        trainer.add_callback(timer.callback())
-        trainer.compute_loss = timer.time_loss(trainer.compute_loss)
-        trainer.accelerator.backward = timer.time_loss(trainer.accelerator.backward)
+        profile = StepProfile()
+        trainer.add_callback(profile.callback())
+        profile.install(trainer)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry][args.warmup :]
+    phases = profile.medians(args.warmup)
     result = {
-        "step_s": statistics.median(timer.times[args.warmup :]),
-        "loss_s": statistics.median(timer.loss_times[args.warmup :]),
+        "step_s": phases["step"],
+        "loss_s": phases["loss_forward_backward"],
+        "phases": phases,
         "completion_tokens": statistics.median(e["completions/mean_length"] for e in logs) * args.prompts * args.width,
         "peak_memory_mb": (
             torch.cuda.max_memory_allocated() / 2**20

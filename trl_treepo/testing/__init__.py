@@ -11,7 +11,15 @@
 from .engines import ScriptedEngine
 from .models import QWEN2_5_SPECIAL_TOKENS, TINY_FAMILIES, build_qwen_tokenizer, make_tiny_model, tiny_config
 from .servers import free_port, start_vllm_server, vllm_server_command
-from .tasks import SYSTEM_PROMPT, left_to_right, make_math_dataset, worked_steps
+from .tasks import (
+    SYSTEM_PROMPT,
+    ReasoningTask,
+    left_to_right,
+    make_math_dataset,
+    make_synthetic_dataset,
+    reduction_steps,
+    worked_steps,
+)
 from .tools import (
     TOOL_SYSTEM_PROMPT,
     TOOL_TASK_CONFIG,
@@ -25,6 +33,7 @@ from .warmup import make_warm_model
 
 __all__ = [
     "QWEN2_5_SPECIAL_TOKENS",
+    "ReasoningTask",
     "SYSTEM_PROMPT",
     "TINY_FAMILIES",
     "TOOL_SYSTEM_PROMPT",
@@ -37,9 +46,11 @@ __all__ = [
     "free_port",
     "left_to_right",
     "make_math_dataset",
+    "make_synthetic_dataset",
     "make_tiny_model",
     "make_tool_dataset",
     "make_warm_model",
+    "reduction_steps",
     "start_vllm_server",
     "tiny_config",
     "tool_transcript",

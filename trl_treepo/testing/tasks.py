@@ -3,6 +3,8 @@ SFT warm-up."""
 
 from __future__ import annotations
 
+import json
+
 SYSTEM_PROMPT = (
     "Solve the problem. Reason step by step, then give the final answer as \\boxed{answer}."
 )
@@ -31,6 +33,40 @@ def worked_steps(expression: str) -> str | None:
     "4 - 1 = 3, 3 - 7 = -4." (None for other expressions)."""
     steps = left_to_right(expression)
     return None if steps is None else ", ".join(f"{operation} = {result}" for operation, result in steps) + "."
+
+
+def make_synthetic_dataset(size: int = 64, seed: int = 0):
+    """Conversational "Calculate a + b." prompts (two numbers below 100) with a `solution` column, built without
+    reasoning-gym: for machines that lack it and cannot download it (the GPU check, `scripts/gpu_check.py`)."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(size):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        prompt = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"Calculate {a} + {b}."}]
+        rows.append({"prompt": prompt, "solution": str(a + b)})
+    return Dataset.from_list(rows)
+
+
+def reduction_steps(expression: str) -> str | None:
+    """A `basic_arithmetic` sum without parentheses, reduced one operation at a time, each step restating what is left:
+    "4 - 1 - 7 + 5" gives "4 - 1 - 7 + 5 = 3 - 7 + 5 = -4 + 5 = 1." (None for other expressions).
+
+    Every step only combines the two leading numbers and copies the rest, so a small model can learn it from the text
+    just before; left-to-right partial results (`worked_steps`) instead make it find the next term in the prompt.
+    """
+    steps = left_to_right(expression)
+    if steps is None:
+        return None
+    rest = expression.split()[3:]
+    lines = [expression]
+    for _, value in steps:
+        lines.append(" ".join([str(value), *rest]))
+        rest = rest[2:]
+    return " = ".join(lines) + "."
 
 
 def make_math_dataset(
@@ -72,3 +108,122 @@ def make_math_dataset(
 
 
 
+
+# ---------------------------------------------------------------------------------- any reasoning-gym task
+
+
+def _answer_of(completion) -> str | None:
+    """The last `\\boxed{}` answer of a completion (text, or a conversation whose last message is the answer)."""
+    from ..tree import find_boxed_answers
+
+    text = completion[-1]["content"] if isinstance(completion, list) and completion else completion
+    boxed = find_boxed_answers(text or "") if isinstance(text, str) else []
+    return boxed[-1][2].strip() if boxed else None
+
+
+class ReasoningTask:
+    """One reasoning-gym task and its configuration: problems, worked answers for the warm-up, a held-out set that no
+    training prompt repeats, and the task's own scorer as the reward.
+
+    A completion is correct when reasoning-gym's `score_answer` gives full marks to its last `\\boxed{}` answer. Worked
+    answers: sums (`basic_arithmetic`, `chain_sum`) reduced one operation at a time (`reduction_steps`), the task's
+    `answer_cot` where it has one (`gsm_symbolic`), otherwise the answer alone. Prompts are conversations opened by
+    `system_prompt`, or, with `conversational=False`, the question as plain text (TRL's standard format: no chat
+    template, so short prompts, for tiny models that learn the answer format from the warm-up).
+
+    Raises `ValueError` naming the task for an unknown task name or a configuration reasoning-gym rejects.
+    """
+
+    def __init__(self, name: str, config: dict | None = None, system_prompt: str = SYSTEM_PROMPT,
+                 conversational: bool = True):  # fmt: skip
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+
+        self.name, self.config, self.system_prompt = name, dict(config or {}), system_prompt
+        self.conversational = conversational
+        if name not in DATASETS:
+            import difflib
+
+            close = difflib.get_close_matches(name, DATASETS, n=3)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"Unknown reasoning-gym task {name!r}.{hint} Tasks: {', '.join(sorted(DATASETS))}.")
+        try:
+            self._scorer = reasoning_gym.create_dataset(name, size=1, seed=0, **self.config)
+        except (TypeError, ValueError, AssertionError) as error:
+            raise ValueError(
+                f"reasoning-gym rejected the configuration {json.dumps(self.config)} of task {name!r}: "
+                f"{type(error).__name__}: {error}. Give a JSON object of that task's config fields."
+            ) from error
+        self.entries: dict[str, dict] = {}  # problem id -> reasoning-gym entry, for scoring
+
+    def problems(self, size: int, seed: int, exclude=frozenset(), unique: bool = False) -> list[tuple[str, dict]]:
+        """`size` (problem id, entry) pairs drawn with `seed`, none of whose questions is in `exclude`; all distinct
+        with `unique`. Raises if the task's problem space cannot supply them."""
+        import reasoning_gym
+
+        chosen, seen, attempt = [], set(exclude), 0
+        while len(chosen) < size:
+            batch = reasoning_gym.create_dataset(self.name, size=max(2 * size, 64), seed=seed + 7919 * attempt,
+                                                 **self.config)  # fmt: skip
+            for index, entry in enumerate(batch):
+                if entry["question"] in seen:
+                    continue
+                if unique:
+                    seen.add(entry["question"])
+                problem_id = f"{seed}:{attempt}:{index}"
+                self.entries[problem_id] = entry
+                chosen.append((problem_id, entry))
+                if len(chosen) == size:
+                    break
+            attempt += 1
+            if attempt == 50 and len(chosen) < size:
+                raise ValueError(
+                    f"Task {self.name!r} with configuration {json.dumps(self.config)} yields only {len(chosen)} "
+                    f"{'distinct ' if unique else ''}problems outside the held-out set, not {size}: widen the "
+                    "configuration or hold out fewer problems."
+                )
+        return chosen
+
+    def dataset(self, problems, with_solution: bool = False):
+        """Rows with `prompt`, `solution` and `problem_id` (with `with_solution`, a worked `completion`), as
+        conversations or plain text (`conversational`)."""
+        from datasets import Dataset
+
+        rows = []
+        for problem_id, entry in problems:
+            row = {"prompt": self.prompt(entry), "solution": str(entry["answer"]), "problem_id": problem_id}
+            if with_solution:
+                answer = self.worked_answer(entry)
+                row["completion"] = [{"role": "assistant", "content": answer}] if self.conversational else answer
+            rows.append(row)
+        return Dataset.from_list(rows)
+
+    def prompt(self, entry: dict):
+        if not self.conversational:
+            return f"{entry['question']}\n"
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": entry["question"]}]
+
+    def worked_answer(self, entry: dict) -> str:
+        metadata = entry.get("metadata", {})
+        reasoning = None
+        if self.name in ("basic_arithmetic", "chain_sum") and "expression" in metadata:
+            reasoning = reduction_steps(metadata["expression"])
+        reasoning = reasoning or (metadata.get("answer_cot") or "").split("\n####")[0].strip()
+        final = f"The final answer is \\boxed{{{entry['answer']}}}."
+        return f"{reasoning}\n{final}" if reasoning else final
+
+    def correct(self, completion, entry: dict) -> bool:
+        answer = _answer_of(completion)
+        try:
+            return answer is not None and self._scorer.score_answer(answer, entry) >= 1.0
+        except Exception:  # a scorer that cannot parse the answer: wrong, as an unparsable answer is
+            return False
+
+    def reward(self):
+        """A TRL reward function: 1.0 for a correct completion of the row's problem (`problem_id` column), else 0."""
+
+        def task_accuracy(completions, problem_id, **kwargs) -> list[float]:
+            return [float(self.correct(c, self.entries[p])) for c, p in zip(completions, problem_id)]
+
+        task_accuracy.__name__ = f"{self.name}_accuracy"
+        return task_accuracy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,14 +24,16 @@ def make_warm_model(
     seed: int = 0,
     task_config: dict | None = None,
     warm: str = "worked-steps",
+    sft_dataset=None,
 ) -> str:
     """A tiny model SFT-warmed on reasoning-gym worked answers, so that it writes `\\boxed{}` answers and stops.
 
     A random-init model never samples EOS, so its trees never stop early; after this warm-up, completions end
     with an answer and EOS at varied lengths, like a real policy's. With `warm="tool-calls"`, it learns instead to
     solve `make_tool_dataset` problems through `calculate` tool calls (`tool_transcript`), for multi-turn rollouts
-    (`task` is then unused). Built offline from `make_tiny_model` (or `base_model`); a directory already built with
-    the same arguments is reused.
+    (`task` is then unused). `sft_dataset` (prompt/completion rows) replaces the task's worked answers, for example
+    problems chosen to leave a held-out set out. Built offline from `make_tiny_model` (or `base_model`); a directory
+    already built with the same arguments is reused.
     """
     import torch
     from transformers import AutoTokenizer
@@ -41,13 +44,17 @@ def make_warm_model(
             "learning_rate": learning_rate, "seed": seed, "warm": warm}  # `warm` names the answer format
     if task_config:
         spec["task_config"] = task_config
+    if sft_dataset is not None:
+        spec["sft_dataset"] = hashlib.sha256(json.dumps(sft_dataset.to_list(), sort_keys=True).encode()).hexdigest()
     spec = json.loads(json.dumps(spec))  # as the sentinel reads back: a tuple in `task_config` becomes a list
     sentinel = output_dir / _SENTINEL
     if sentinel.exists() and json.loads(sentinel.read_text()) == spec:
         return str(output_dir)
     base = base_model or make_tiny_model(output_dir.parent / f"{output_dir.name}-base", seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    if warm == "tool-calls":
+    if sft_dataset is not None:
+        dataset = sft_dataset
+    elif warm == "tool-calls":
         dataset = tool_sft_dataset(tokenizer, examples, seed + 123, task_config)
     elif warm == "worked-steps":
         dataset = make_math_dataset(task, size=examples, seed=seed + 123, with_solution=True, **(task_config or {}))

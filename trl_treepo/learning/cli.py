@@ -1,0 +1,199 @@
+"""`python -m trl_treepo.learning`: run the study of a setting (a preset, or any reasoning-gym task) and report it.
+
+    python -m trl_treepo.learning --preset chains --seeds 0,1,2,3,4 --arms treepo,grpo
+    python -m trl_treepo.learning --task leg_counting --task_config '{"max_animals": 3}' --max_steps 20 \\
+        --config '{"tree_branching_factor": 4}' --arm wide='{"tree_initial_divergence": 4}' --arms treepo,wide,grpo
+
+Every run is its own process (one vLLM engine each); a run whose result is already in `--output_dir` is not run again,
+so the same command resumes an interrupted study. Writes `study.json` (setting, every curve and per-step log),
+`summary.md`, `accuracy-vs-decoded-tokens.png` and `accuracy-vs-wall-time.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .runs import DEFAULT_CACHE, held_out_problems, run_arm, task_of, warm_model
+from .settings import PRESETS, Setting
+from .study import phase_table, plot_curves, summarize, summary_table, verdict
+
+# Command-line flags that override one field of a setting's section: flag → (section, key, type).
+FIELD_FLAGS = {
+    "vocab_size": ("model", "vocab_size", int),
+    "hidden_size": ("model", "hidden_size", int),
+    "num_layers": ("model", "num_layers", int),
+    "warmup_steps": ("warmup", "steps", int),
+    "warmup_examples": ("warmup", "examples", int),
+    "warmup_learning_rate": ("warmup", "learning_rate", float),
+    "held_out_size": ("held_out", "size", int),
+    "held_out_samples": ("held_out", "samples", int),
+    "max_new_tokens": ("held_out", "max_new_tokens", int),
+    "prompts_per_step": ("rl", "prompts_per_step", int),
+    "num_generations": ("rl", "num_generations", int),
+    "learning_rate": ("rl", "learning_rate", float),
+    "max_steps": ("rl", "max_steps", int),
+    "segment_length": ("rl", "segment_length", int),
+    "max_depth": ("rl", "max_depth", int),
+}
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{flag}: not valid JSON ({error}): {text!r}")
+    if not isinstance(value, dict):
+        raise SystemExit(f"{flag}: give a JSON object, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trl_treepo.learning", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--preset", default="chains", choices=sorted(PRESETS), help="the setting to start from")
+    parser.add_argument("--task", help="any reasoning-gym task, instead of the preset's")
+    parser.add_argument("--task_config", help="the task's configuration, as a JSON object")
+    for flag, (section, key, kind) in FIELD_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=kind, help=f"setting {section}.{key}")
+    parser.add_argument("--config", help="further TreePOConfig fields for every arm, as a JSON object")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME=JSON",
+                        help="define an arm (TreePOConfig overrides), e.g. wide='{\"tree_initial_divergence\": 4}'")
+    parser.add_argument("--arms", default="treepo,grpo", help="comma-separated arms to run")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--arm_seeds", action="append", default=[], metavar="ARM=SEEDS",
+                        help="other seeds for one arm, e.g. random_initial_divergence=0,1,2; repeatable")
+    parser.add_argument("--eval_every", type=int, default=5, help="held-out evaluation every this many steps")
+    parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    parser.add_argument("--output_dir", default="outputs/learning")
+    parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="where warm models are built once")
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # ARM:SEED, one run in this process
+    parser.add_argument("--setting_file", help=argparse.SUPPRESS)  # the resolved setting, for --run
+    return parser
+
+
+def resolve_setting(args) -> Setting:
+    """The preset, with the command line's task, fields, configuration and arms on top; the task is checked."""
+    setting = PRESETS[args.preset]
+    changes: dict = {}
+    # The task and its configuration replace the preset's whole (another task's fields would not fit it).
+    task = {}
+    if args.task:
+        task.update(task=args.task, task_config={}, name=f"{args.task} (from {args.preset})",
+                    description=f"reasoning-gym {args.task}")  # fmt: skip
+    if args.task_config:
+        task["task_config"] = _json_object(args.task_config, "--task_config")
+    setting = dataclasses.replace(setting, **task)
+    for flag, (section, key, _) in FIELD_FLAGS.items():
+        if getattr(args, flag) is not None:
+            changes.setdefault(section, {})[key] = getattr(args, flag)
+    if args.config:
+        changes["config"] = _json_object(args.config, "--config")
+    arms = {}
+    for definition in args.arm:
+        name, _, overrides = definition.partition("=")
+        if not name or not overrides:
+            raise SystemExit(f"--arm {definition!r}: give NAME=JSON, e.g. wide='{{\"tree_initial_divergence\": 4}}'.")
+        arms[name] = _json_object(overrides, f"--arm {name}")
+    if arms:
+        changes["arms"] = arms
+    setting = setting.with_overrides(**changes)
+    try:
+        task_of(setting)  # an unknown task or a configuration reasoning-gym rejects: a clear error, before any run
+    except ValueError as error:
+        raise SystemExit(str(error))
+    return setting
+
+
+def _seeds(args, arms: list[str]) -> dict[str, list[int]]:
+    seeds = {arm: [int(s) for s in args.seeds.split(",")] for arm in arms}
+    for choice in args.arm_seeds:
+        arm, _, arm_seeds = choice.partition("=")
+        if arm not in seeds or not arm_seeds:
+            raise SystemExit(f"--arm_seeds {choice!r}: give ARM=SEEDS for an arm among {', '.join(arms)}.")
+        seeds[arm] = [int(s) for s in arm_seeds.split(",")]
+    return seeds
+
+
+def _run_in_process(args, setting: Setting, output: Path, arm: str, seed: int) -> dict:
+    result = output / f"{arm}-{seed}.json"
+    if not result.exists():
+        command = [sys.executable, "-m", "trl_treepo.learning", "--output_dir", str(output), "--run", f"{arm}:{seed}",
+                   "--setting_file", str(output / "setting.json"), "--eval_every", str(args.eval_every),
+                   "--backend", args.backend, "--cache_dir", args.cache_dir]  # fmt: skip
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise RuntimeError(f"The {arm} run (seed {seed}) failed:\n{finished.stderr[-3000:]}")
+    run = json.loads(result.read_text())
+    if run["curve"][-1]["step"] != setting.rl["max_steps"]:
+        raise SystemExit(f"{result} holds a run of {run['curve'][-1]['step']} steps, not {setting.rl['max_steps']}: "
+                         "remove it, or pass another --output_dir.")  # fmt: skip
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        setting = Setting.from_json(Path(args.setting_file).read_text())
+        arm, seed = args.run.split(":")
+        result = run_arm(setting, arm, int(seed), output / f"{arm}-{seed}", args.cache_dir, args.eval_every,
+                         args.backend)  # fmt: skip
+        (output / f"{arm}-{seed}.json").write_text(json.dumps(result))
+        return result
+
+    setting = resolve_setting(args)
+    arms = [arm.strip() for arm in args.arms.split(",")]
+    unknown = [arm for arm in arms if arm not in setting.arms]
+    if unknown:
+        raise SystemExit(f"Unknown arms {unknown}; define them with --arm NAME=JSON, or choose among "
+                         f"{', '.join(setting.arms)}.")  # fmt: skip
+    recorded = output / "setting.json"
+    if recorded.exists() and recorded.read_text() != setting.to_json():
+        raise SystemExit(f"{output} holds a study of another setting ({recorded}); pass another --output_dir.")
+    recorded.write_text(setting.to_json())
+    seeds = _seeds(args, arms)
+    task = task_of(setting)
+    held_out = held_out_problems(setting, task)
+    for seed in sorted({seed for arm_seeds in seeds.values() for seed in arm_seeds}):
+        warm_model(setting, seed, args.cache_dir, task, held_out)  # once per seed, before the arms share it
+    runs = []
+    # Arm by arm, so that an interrupted study already holds every seed of the first arms.
+    for arm in arms:
+        for seed in seeds[arm]:
+            started = time.perf_counter()
+            run = _run_in_process(args, setting, output, arm, seed)
+            runs.append(run)
+            first, last = run["curve"][0], run["curve"][-1]
+            print(f"seed {seed} {arm}: sampled {first['sampled']:.1%} -> {last['sampled']:.1%}, greedy "
+                  f"{first['greedy']:.1%} -> {last['greedy']:.1%}, decoded {sum(run['decoded_tokens']):,.0f} tokens "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    return report(setting, seeds, runs, output, args.backend)
+
+
+def report(setting: Setting, seeds: dict, runs: list[dict], output: Path, backend: str) -> dict:
+    summary = summarize(runs)
+    headline = verdict(summary) if "treepo" in summary and "grpo" in summary else None
+    study = {"setting": json.loads(setting.to_json()), "seeds": seeds, "backend": backend, "summary": summary,
+             "verdict": headline, "runs": runs}  # fmt: skip
+    (output / "study.json").write_text(json.dumps(study, indent=1))
+    arms = list(dict.fromkeys(run["arm"] for run in runs))
+    plot_curves(runs, "decoded_tokens", "cumulative decoded tokens (thousands)", output / "accuracy-vs-decoded-tokens.png",
+                arms)  # fmt: skip
+    plot_curves(runs, "wall_s", "training wall time (minutes, evaluation excluded)", output / "accuracy-vs-wall-time.png",
+                arms)  # fmt: skip
+    table = summary_table(summary) + "\n\n" + phase_table(summary)
+    (output / "summary.md").write_text(table + "\n" + (f"\nverdict: {json.dumps(headline)}\n" if headline else ""))
+    print(table, flush=True)
+    if headline:
+        print(f"verdict (TreePO vs GRPO): {json.dumps(headline)}", flush=True)
+    return study

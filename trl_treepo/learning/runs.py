@@ -1,0 +1,195 @@
+"""One RL run of one arm on one seed: the warm model, the data, the trainer, and the held-out curve it traces.
+
+Every arm of a seed starts from the same warm model and trains on the same prompts; only the arm's options differ.
+The held-out curve records, at every evaluation, the accuracies with their standard errors against the decoded
+tokens and the training wall time so far (evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from ..benchmark.training import StepProfile
+from .evaluation import held_out_accuracy
+from .settings import Setting
+
+DEFAULT_CACHE = Path(os.environ.get("TRL_TREEPO_CACHE", Path.home() / ".cache" / "trl_treepo")) / "learning"
+
+
+def task_of(setting: Setting):
+    from ..testing import ReasoningTask
+
+    return ReasoningTask(setting.task, setting.task_config, conversational=setting.conversational)
+
+
+def held_out_problems(setting: Setting, task) -> list:
+    """The held-out problems: distinct, the same for every seed and arm."""
+    return task.problems(setting.held_out["size"], setting.held_out["seed"], unique=True)
+
+
+def _excluded(held_out: list) -> frozenset:
+    return frozenset(entry["question"] for _, entry in held_out)
+
+
+def warm_model(setting: Setting, seed: int, cache_dir, task=None, held_out=None) -> str:
+    """The seed's tiny model after the SFT warm-up on worked answers of problems outside the held-out set (built
+    offline once, then reused from `cache_dir`)."""
+    from ..testing import make_tiny_model, make_warm_model
+
+    task = task or task_of(setting)
+    held_out = held_out if held_out is not None else held_out_problems(setting, task)
+    key = json.dumps([setting.task, setting.task_config, setting.model, setting.warmup, setting.held_out, seed],
+                     sort_keys=True)  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir)
+    base = make_tiny_model(cache_dir / f"base-{seed}-{digest}", seed=seed, **setting.model)
+    problems = task.problems(setting.warmup["examples"], seed + 123, exclude=_excluded(held_out))
+    return make_warm_model(cache_dir / f"warm-{seed}-{digest}", setting.task, base_model=base, seed=seed,
+                           sft_dataset=task.dataset(problems, with_solution=True), **setting.warmup)  # fmt: skip
+
+
+@contextlib.contextmanager
+def vllm_in_policy_precision(dtype: str = "float32"):
+    """Within the block, the vLLM engine TRL builds (colocate) samples in `dtype`, the policy's precision.
+
+    vLLM's `dtype="auto"` downcasts a float32 checkpoint to bfloat16 (on a CPU, always), and TRL does not pass a
+    dtype: TRL's GRPO and TreePO alike then sample from a rounded copy of the float32 policy they train. On the
+    study's tiny models that copy is a different policy: the same warm weights scored 0.42 as the first step's
+    training reward (bfloat16 samples) against 0.56 held-out sampled accuracy (float32 samples), and RL raised the
+    reward of the rounded copy while the trained model's held-out accuracy fell, in both arms. Every arm of the
+    study and the demo samples in float32.
+    """
+    from trl.generation import vllm_generation
+
+    original = getattr(vllm_generation, "LLM", None)
+    if original is None:  # vLLM not installed: nothing to pin
+        yield
+        return
+    vllm_generation.LLM = functools.partial(original, dtype=dtype)
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = original
+
+
+def rl_dataset(setting: Setting, seed: int, task, held_out: list):
+    """The run's prompts: `max_steps × prompts_per_step` problems, none of them held out."""
+    size = setting.rl["max_steps"] * setting.rl["prompts_per_step"]
+    return task.dataset(task.problems(size, seed + 1, exclude=_excluded(held_out)))
+
+
+def rl_config(setting: Setting, arm: str, output_dir, seed: int, backend: str = "vllm"):
+    """The run's `TreePOConfig`: the setting's RL knobs and configuration, then the arm's overrides."""
+    from .. import TreePOConfig
+
+    rl = setting.rl
+    options = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=rl["prompts_per_step"] * rl["num_generations"],
+        num_generations=rl["num_generations"],
+        tree_segment_length=rl["segment_length"],
+        tree_max_depth=rl["max_depth"],
+        max_steps=rl["max_steps"],
+        learning_rate=rl["learning_rate"],
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        use_vllm=backend == "vllm",
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.1,
+        vllm_max_model_length=512 + setting.max_completion_length,
+    )
+    return TreePOConfig(**{**options, **setting.config, **setting.arms[arm]})
+
+
+def leaf_tokens(log: dict, setting: Setting) -> float:
+    """Completion tokens of a step's rows: what the loss trains on, and what sequential sampling decodes."""
+    return log["completions/mean_length"] * setting.rl["prompts_per_step"] * setting.rl["num_generations"]
+
+
+def decoded_tokens(log: dict, setting: Setting) -> float:
+    """Tokens the rollout of a step decoded: the tree's count, or every completion token of sequential sampling."""
+    return log["tree/decoded_tokens"] if "tree/decoded_tokens" in log else leaf_tokens(log, setting)
+
+
+def held_out_curve(trainer, setting: Setting, task, held_out: list, every: int):
+    """A callback measuring held-out accuracy at the start and every `every` steps (and after the last), against the
+    decoded tokens and the training wall time so far, evaluation excluded."""
+    from transformers import TrainerCallback
+
+    def measure():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        spec = setting.held_out
+        return held_out_accuracy(model, trainer.processing_class, task, held_out, spec["samples"],
+                                 spec["max_new_tokens"], spec["seed"])  # fmt: skip
+
+    class HeldOutCurve(TrainerCallback):
+        def __init__(self):
+            self.points, self.evaluating, self.started = [], 0.0, time.perf_counter()
+
+        def record(self, state):
+            began = time.perf_counter()
+            result = measure()
+            self.evaluating += time.perf_counter() - began
+            logs = [log for log in state.log_history if "reward" in log]
+            self.points.append({
+                "step": state.global_step,
+                "decoded_tokens": sum(decoded_tokens(log, setting) for log in logs),
+                "wall_s": time.perf_counter() - self.started - self.evaluating,
+                **result,
+            })  # fmt: skip
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.record(state)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # Not on_step_end: the step's log, with its decoded tokens, joins log_history only after that.
+            if "reward" in (logs or {}) and (state.global_step % every == 0 or state.global_step == state.max_steps):
+                self.record(state)
+
+    return HeldOutCurve()
+
+
+def run_arm(setting: Setting, arm: str, seed: int, output_dir, cache_dir, every: int, backend: str = "vllm") -> dict:
+    """One RL run of `arm` from the seed's warm model, with its held-out curve and per-step logs."""
+    from .. import TreePOTrainer
+
+    task = task_of(setting)
+    held_out = held_out_problems(setting, task)
+    with vllm_in_policy_precision():
+        trainer = TreePOTrainer(
+            model=warm_model(setting, seed, cache_dir, task, held_out),
+            reward_funcs=task.reward(),
+            args=rl_config(setting, arm, output_dir, seed, backend),
+            train_dataset=rl_dataset(setting, seed, task, held_out),
+        )
+    curve = held_out_curve(trainer, setting, task, held_out, every)
+    trainer.add_callback(curve)
+    profile = StepProfile()  # where each step's time goes, by phase (`benchmark.training.PHASES`)
+    trainer.add_callback(profile.callback())
+    profile.install(trainer)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "reward" in log]
+    return {
+        "arm": arm,
+        "seed": seed,
+        "curve": curve.points,
+        "rewards": [log["reward"] for log in logs],
+        "decoded_tokens": [decoded_tokens(log, setting) for log in logs],
+        "leaf_tokens": [leaf_tokens(log, setting) for log in logs],
+        "step_s": [log.get("step_time") for log in logs],
+        "phases": profile.steps,
+    }

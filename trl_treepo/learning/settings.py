@@ -1,0 +1,114 @@
+"""A learning setting: the task, the tiny model and its warm-up, the held-out set, the RL run and the arms compared.
+
+`PRESETS` holds the named settings (`chains`, the multi-step setting where trees have intermediate steps to branch
+at, and `sums`, the earlier two-term setting); every field can be overridden from the command line, and any
+reasoning-gym task can stand in for the preset's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+# The arms every study can run: TRL's GRPO and TreePO, and the paper's cheap ablations. An arm is a set of
+# `TreePOConfig` overrides on top of the setting's configuration.
+ARMS = {
+    "treepo": {},
+    # Exactly TRL's GRPOTrainer, as users run it: sequential samples, GRPO's advantages, no packing.
+    "grpo": {"tree_sampling": False, "tree_packed_training": False},
+    "tree_sampling_grpo_advantage": {"tree_advantage_estimator": "grpo"},
+    "tree_advantage_group_size": {"tree_advantage_weighting": "group_size"},
+    "random_initial_divergence": {"tree_initial_divergence": 2, "tree_initial_divergence_max": 8},
+    "low_prob_divergence": {"tree_divergence_policy": "low_prob"},
+    "high_prob_divergence": {"tree_divergence_policy": "high_prob"},
+}
+ARM_LABELS = {
+    "treepo": "TreePO",
+    "grpo": "TRL GRPO",
+    "tree_sampling_grpo_advantage": "tree sampling, GRPO advantage",
+    "tree_advantage_group_size": "TreePO, group-size weighting (Eq. 6)",
+    "random_initial_divergence": "TreePO, random initial divergence 2-8",
+    "low_prob_divergence": "TreePO, low-prob divergence (§4.4)",
+    "high_prob_divergence": "TreePO, high-prob divergence (§4.4)",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything one study run needs besides the arm and the seed.
+
+    Attributes:
+        task, task_config: the reasoning-gym task and its configuration.
+        conversational: prompts as chat conversations (with a system message), or as plain text (shorter: for tiny
+            models that learn the answer format from the warm-up).
+        model: `testing.make_tiny_model` arguments (vocabulary, hidden size, layers, heads).
+        warmup: the SFT warm-up (`testing.make_warm_model`): examples, steps, batch size, learning rate.
+        held_out: size (distinct problems, none of them a training prompt), seed, samples per problem, new tokens.
+        rl: prompts per step, completions per prompt, learning rate, steps, segment length and depth.
+        config: further `TreePOConfig` fields for every arm.
+        arms: the arms this setting compares (name → `TreePOConfig` overrides).
+    """
+
+    name: str
+    description: str
+    task: str
+    task_config: dict
+    model: dict
+    warmup: dict
+    held_out: dict
+    rl: dict
+    config: dict = field(default_factory=dict)
+    arms: dict = field(default_factory=lambda: dict(ARMS))
+    conversational: bool = True
+
+    @property
+    def max_completion_length(self) -> int:
+        return self.rl["segment_length"] * self.rl["max_depth"]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Setting:
+        return cls(**json.loads(text))
+
+    def with_overrides(self, **sections) -> Setting:
+        """This setting with some fields replaced and some sections updated (dict sections merge key by key)."""
+        changes = {}
+        for name, value in sections.items():
+            current = getattr(self, name)
+            changes[name] = {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
+        return replace(self, **changes)
+
+
+PRESETS = {
+    "chains": Setting(
+        name="chains",
+        description="sums of three or four one-digit numbers, reduced one addition at a time",
+        task="basic_arithmetic",
+        task_config=dict(min_terms=3, max_terms=4, min_digits=1, max_digits=1, operators=["+"],
+                         allow_parentheses=False, allow_negation=False),  # fmt: skip
+        conversational=False,
+        # A 512-rank vocabulary spells numbers and operators out one character at a time; a smaller LM head also
+        # makes every step cheaper on a CPU.
+        model=dict(vocab_size=512, hidden_size=128, num_layers=2, num_attention_heads=4, num_key_value_heads=2),
+        warmup=dict(examples=20_800, steps=1300, batch_size=16, learning_rate=3e-3),
+        held_out=dict(size=400, seed=10_000, samples=4, max_new_tokens=80),
+        rl=dict(prompts_per_step=16, num_generations=8, learning_rate=2e-4, max_steps=30, segment_length=8,
+                max_depth=10),  # fmt: skip
+        config=dict(tree_packed_training=True),
+    ),
+    "sums": Setting(
+        name="sums",
+        description="sums and differences of two one-digit numbers (the earlier demo setting)",
+        task="basic_arithmetic",
+        task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=["+", "-"],
+                         allow_parentheses=False, allow_negation=False),  # fmt: skip
+        model=dict(vocab_size=8192, hidden_size=64, num_layers=2),
+        warmup=dict(examples=4000, steps=600, batch_size=16, learning_rate=3e-3),
+        # Two one-digit terms make only 200 distinct problems: 50 are held out, the other 150 train.
+        held_out=dict(size=50, seed=10_000, samples=8, max_new_tokens=32),
+        rl=dict(prompts_per_step=32, num_generations=8, learning_rate=2e-4, max_steps=40, segment_length=4,
+                max_depth=8),  # fmt: skip
+    ),
+}
