@@ -100,7 +100,7 @@ PRESETS = {
     ),
     "sums": Setting(
         name="sums",
-        description="sums and differences of two one-digit numbers (the earlier demo setting)",
+        description="sums and differences of two one-digit numbers (the demo's setting)",
         task="basic_arithmetic",
         task_config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=["+", "-"],
                          allow_parentheses=False, allow_negation=False),  # fmt: skip
