@@ -2,9 +2,6 @@
 deliberately uneven trees and pack them unevenly, finish within a timeout (a rank with fewer forwards would wait
 forever), and compute what one unsharded process computes."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,16 +13,15 @@ from trl_treepo.testing import free_port
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from ranks import run_two_ranks  # noqa: E402  (tests/ is not a package)
+
 
 @pytest.fixture(scope="module")
 def sharded_run(tiny_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("sharded")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(ROOT / "tests/sharded_job.py"), tiny_model, str(output)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return run_two_ranks(command, output)
 
 
 def test_uneven_trees_and_packing_finish_under_fully_shard(sharded_run):

@@ -3,9 +3,6 @@
 The job (multiprocess_job.py) trains two steps and dumps, per process, the rows it trained and what it gathered.
 """
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,22 +13,26 @@ from trl_treepo import compute_tree_advantages, whiten
 from trl_treepo.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from ranks import run_two_ranks  # noqa: E402  (tests/ is not a package)
 WIDTH = 4
+
+
+def accelerate_launch(*job_args: str) -> list[str]:
+    """`accelerate launch` of multiprocess_job.py on two CPU processes."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "examples/accelerate_configs/multi_cpu.yaml"),
+        "--main_process_port", str(free_port()),
+        str(ROOT / "tests/multiprocess_job.py"), *job_args,
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tiny_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("two-processes")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "examples/accelerate_configs/multi_cpu.yaml"),
-        "--main_process_port", str(free_port()),
-        str(ROOT / "tests/multiprocess_job.py"), tiny_model, str(output),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return run_two_ranks(accelerate_launch(tiny_model, str(output)), output)
 
 
 def test_both_processes_train_the_same_model(two_process_run):
@@ -85,16 +86,7 @@ def test_uneven_trees_keep_every_rank_in_step(tiny_model, tmp_path):
     """Rank 0's trees stop at once and fall back while rank 1's run the full depth, and they pack into different
     numbers of sequences: every step, both ranks still run as many policy forwards and `generate` calls (what FSDP
     and ZeRO-3 need, where each of them is a collective)."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "examples/accelerate_configs/multi_cpu.yaml"),
-        "--main_process_port", str(free_port()),
-        str(ROOT / "tests/multiprocess_job.py"), tiny_model, str(tmp_path), "uneven",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    first, second = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    first, second = run_two_ranks(accelerate_launch(tiny_model, str(tmp_path), "uneven"), tmp_path)
     assert first["packing"] is True and len(first["steps"]) == 2
     for step in first["steps"]:
         rank0, rank1 = step

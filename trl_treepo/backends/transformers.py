@@ -294,13 +294,14 @@ class TransformersSegmentEngine:
                 return
             if any_prefill:
                 self._stand_in_forward()
-            ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
             config = copy.copy(self.generation_config)
             config.max_new_tokens = 1
-            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                synced_gpus=True)  # fmt: skip
+            self.model.generate(**self._one_pad_token(), generation_config=config, synced_gpus=True)
 
     def _stand_in_forward(self) -> None:
         """The forward another rank's prefill runs, on one token, so that this rank joins its collectives."""
+        self.model(**self._one_pad_token(), use_cache=False, logits_to_keep=1)
+
+    def _one_pad_token(self) -> dict:
         ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)
-        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
