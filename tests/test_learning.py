@@ -113,6 +113,24 @@ def test_warm_up_answers_work_sums_left_to_right():
     assert answer.endswith(f"The final answer is \\boxed{{{entry['answer']}}}.") and answer.count(" = ") >= 2
 
 
+def test_unfinished_warm_up_answers_stop_a_step_early_and_score_nothing():
+    task = task_of(PRESETS["unfinished"])
+    problems = task.problems(400, 5)
+    (problem_id, entry), = problems[:1]
+    unfinished = task.unfinished_answer(entry)
+    worked_steps_ = task.worked_answer(entry).split("\n")[0].rstrip(".").split(" = ")
+    assert unfinished.split("\n")[0] == " = ".join(worked_steps_[:-1]) + "."
+    assert task.reward()([unfinished, task.worked_answer(entry)], [problem_id] * 2) == [0.0, 1.0]
+    rows = task.dataset(problems, with_solution=True, unfinished_share=0.3, seed=1)
+    share = sum(row["completion"] != task.worked_answer(entry) for row, (_, entry) in zip(rows, problems)) / 400
+    assert 0.25 < share < 0.35
+    assert rows.to_list() == task.dataset(problems, with_solution=True, unfinished_share=0.3, seed=1).to_list()
+    with pytest.raises(ValueError, match="unfinished_share must be a fraction"):
+        task.dataset(problems, with_solution=True, unfinished_share=1.5)
+    with pytest.raises(ValueError, match="Set the warm-up's unfinished_share to 0"):
+        ReasoningTask("leg_counting").unfinished_answer(ReasoningTask("leg_counting").problems(1, 0)[0][1])
+
+
 # ---------------------------------------------------------------------------------------- the study's arithmetic
 
 

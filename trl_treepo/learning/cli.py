@@ -32,6 +32,7 @@ FIELD_FLAGS = {
     "warmup_steps": ("warmup", "steps", int),
     "warmup_examples": ("warmup", "examples", int),
     "warmup_learning_rate": ("warmup", "learning_rate", float),
+    "warmup_unfinished_share": ("warmup", "unfinished_share", float),
     "held_out_size": ("held_out", "size", int),
     "held_out_samples": ("held_out", "samples", int),
     "max_new_tokens": ("held_out", "max_new_tokens", int),

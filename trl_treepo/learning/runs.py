@@ -49,9 +49,12 @@ def warm_model(setting: Setting, seed: int, cache_dir, task=None, held_out=None)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir)
     base = make_tiny_model(cache_dir / f"base-{seed}-{digest}", seed=seed, **setting.model)
-    problems = task.problems(setting.warmup["examples"], seed + 123, exclude=_excluded(held_out))
+    warmup = dict(setting.warmup)
+    unfinished_share = warmup.pop("unfinished_share", 0.0)
+    problems = task.problems(warmup["examples"], seed + 123, exclude=_excluded(held_out))
+    sft_dataset = task.dataset(problems, with_solution=True, unfinished_share=unfinished_share, seed=seed)
     return make_warm_model(cache_dir / f"warm-{seed}-{digest}", setting.task, base_model=base, seed=seed,
-                           sft_dataset=task.dataset(problems, with_solution=True), **setting.warmup)  # fmt: skip
+                           sft_dataset=sft_dataset, **warmup)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -191,4 +194,5 @@ def run_arm(setting: Setting, arm: str, seed: int, output_dir, cache_dir, every:
         "leaf_tokens": [leaf_tokens(log, setting) for log in logs],
         "step_s": [log.get("step_time") for log in logs],
         "phases": profile.steps,
+        "logs": logs,  # the trainer's own per-step metrics: entropy, clip ratios, KL, sampling mismatch, ...
     }

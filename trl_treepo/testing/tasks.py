@@ -184,16 +184,26 @@ class ReasoningTask:
                 )
         return chosen
 
-    def dataset(self, problems, with_solution: bool = False):
+    def dataset(self, problems, with_solution: bool = False, unfinished_share: float = 0.0, seed: int = 0):
         """Rows with `prompt`, `solution` and `problem_id` (with `with_solution`, a worked `completion`), as
-        conversations or plain text (`conversational`)."""
+        conversations or plain text (`conversational`).
+
+        With `unfinished_share`, that fraction of the completions (drawn with `seed`) is the `unfinished_answer`
+        instead of the worked one: a warm-up after which the model sometimes stops before it is done, a habit RL has
+        to find costly."""
+        import random
+
         from datasets import Dataset
 
+        if not 0.0 <= unfinished_share <= 1.0:
+            raise ValueError(f"unfinished_share must be a fraction in [0, 1], got {unfinished_share}.")
+        rng = random.Random(seed)
         rows = []
         for problem_id, entry in problems:
             row = {"prompt": self.prompt(entry), "solution": str(entry["answer"]), "problem_id": problem_id}
             if with_solution:
-                answer = self.worked_answer(entry)
+                unfinished = rng.random() < unfinished_share
+                answer = self.unfinished_answer(entry) if unfinished else self.worked_answer(entry)
                 row["completion"] = [{"role": "assistant", "content": answer}] if self.conversational else answer
             rows.append(row)
         return Dataset.from_list(rows)
@@ -211,6 +221,23 @@ class ReasoningTask:
         reasoning = reasoning or (metadata.get("answer_cot") or "").split("\n####")[0].strip()
         final = f"The final answer is \\boxed{{{entry['answer']}}}."
         return f"{reasoning}\n{final}" if reasoning else final
+
+    def unfinished_answer(self, entry: dict) -> str:
+        """The worked answer stopped one step early, with what is left boxed as if it were the answer:
+        "4 + 1 + 7 = 5 + 7.\nThe final answer is \\boxed{5 + 7}." (the scorer gives it no marks). For sums only.
+
+        Raises `ValueError` for a task whose answers have no reduction steps to stop before."""
+        expression = entry.get("metadata", {}).get("expression", "")
+        worked = reduction_steps(expression) if self.name in ("basic_arithmetic", "chain_sum") else None
+        if worked is None:
+            raise ValueError(
+                f"Unfinished warm-up answers need sums reduced one step at a time (basic_arithmetic or chain_sum with "
+                f"+ and - only, no parentheses); task {self.name!r} problem {entry['question']!r} has none. Set the "
+                "warm-up's unfinished_share to 0."
+            )
+        steps = worked.rstrip(".").split(" = ")
+        kept = steps[:-1] if len(steps) > 2 else steps[:1]
+        return f"{' = '.join(kept)}.\nThe final answer is \\boxed{{{kept[-1]}}}."
 
     def correct(self, completion, entry: dict) -> bool:
         answer = _answer_of(completion)
