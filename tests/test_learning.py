@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,6 +130,22 @@ def test_unfinished_warm_up_answers_stop_a_step_early_and_score_nothing():
         task.dataset(problems, with_solution=True, unfinished_share=1.5)
     with pytest.raises(ValueError, match="Set the warm-up's unfinished_share to 0"):
         ReasoningTask("leg_counting").unfinished_answer(ReasoningTask("leg_counting").problems(1, 0)[0][1])
+
+
+def test_a_warm_model_is_reused_whether_its_base_is_named_relatively_or_absolutely(tmp_path, monkeypatch):
+    """The study and the scripts name the same cache relatively or absolutely; either way the warm model built once is
+    reused, not rebuilt (and overwritten under a run that reads it)."""
+    from trl_treepo.testing import make_tiny_model, make_warm_model
+
+    make_tiny_model(tmp_path / "base", vocab_size=512, hidden_size=32, num_layers=1)
+    task = task_of(PRESETS["unfinished"])
+    sft = task.dataset(task.problems(8, 0), with_solution=True)
+    monkeypatch.chdir(tmp_path)
+    options = dict(steps=1, batch_size=2, sft_dataset=sft)
+    warm = Path(make_warm_model(tmp_path / "warm", "basic_arithmetic", base_model="base", **options))
+    built = (warm / "model.safetensors").stat().st_mtime_ns
+    make_warm_model(tmp_path / "warm", "basic_arithmetic", base_model=str(tmp_path / "base"), **options)
+    assert (warm / "model.safetensors").stat().st_mtime_ns == built
 
 
 # ---------------------------------------------------------------------------------------- the study's arithmetic

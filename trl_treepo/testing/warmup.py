@@ -40,7 +40,9 @@ def make_warm_model(
     from trl import SFTConfig, SFTTrainer
 
     output_dir = Path(output_dir)
-    spec = {"task": task, "base_model": base_model, "examples": examples, "steps": steps, "batch_size": batch_size,
+    # The base model by its resolved path: the same cache named relatively or absolutely is the same warm model.
+    base_path = str(Path(base_model).resolve()) if base_model and Path(base_model).exists() else base_model
+    spec = {"task": task, "base_model": base_path, "examples": examples, "steps": steps, "batch_size": batch_size,
             "learning_rate": learning_rate, "seed": seed, "warm": warm}  # `warm` names the answer format
     if task_config:
         spec["task_config"] = task_config
