@@ -99,25 +99,6 @@ PRESETS = {
                 max_depth=10),  # fmt: skip
         config=dict(tree_packed_training=True),
     ),
-    "unfinished": Setting(
-        name="unfinished",
-        description="the chains' sums, with a warm-up in which three answers in ten stop one step before the end",
-        task="basic_arithmetic",
-        task_config=dict(min_terms=3, max_terms=4, min_digits=1, max_digits=1, operators=["+"],
-                         allow_parentheses=False, allow_negation=False),  # fmt: skip
-        conversational=False,
-        model=dict(vocab_size=512, hidden_size=128, num_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        # "4 + 1 + 7 = 5 + 7.\nThe final answer is \\boxed{5 + 7}.": the warmed-up model sometimes stops before it is
-        # done, a habit it can drop on every problem at once, and which only a reward can show it is costly. Its
-        # arithmetic, by contrast, RL improves only slowly at this size (docs/learning.md).
-        warmup=dict(examples=20_800, steps=1300, batch_size=16, learning_rate=3e-3, unfinished_share=0.3),
-        held_out=dict(size=400, seed=10_000, samples=4, max_new_tokens=80),
-        rl=dict(prompts_per_step=16, num_generations=8, learning_rate=1e-4, max_steps=40, segment_length=8,
-                max_depth=10),  # fmt: skip
-        # Without the KL penalty, the updates' noise undoes the warm model's arithmetic faster than RL teaches
-        # it anything (greedy accuracy falls 6 to 7 points within 10 steps at lr 2e-4): the penalty holds it.
-        config=dict(tree_packed_training=True, beta=0.1),
-    ),
     "sums": Setting(
         name="sums",
         description="sums and differences of two one-digit numbers (the earlier demo's setting)",
@@ -132,3 +113,15 @@ PRESETS = {
                 max_depth=8),  # fmt: skip
     ),
 }
+# `chains` with a warm-up habit to drop. "4 + 1 + 7 = 5 + 7.\nThe final answer is \\boxed{5 + 7}.": the warmed-up model
+# sometimes stops before it is done, a habit it can drop on every problem at once, and which only a reward can show
+# it is costly. Its arithmetic, by contrast, RL improves only slowly at this size (docs/learning.md). Without the KL
+# penalty, the updates' noise undoes the warm model's arithmetic faster than RL teaches it anything (greedy accuracy
+# falls 6 to 7 points within 10 steps at lr 2e-4): the penalty holds it.
+PRESETS["unfinished"] = PRESETS["chains"].with_overrides(
+    name="unfinished",
+    description="the chains' sums, with a warm-up in which three answers in ten stop one step before the end",
+    warmup=dict(unfinished_share=0.3),
+    rl=dict(learning_rate=1e-4, max_steps=40),
+    config=dict(beta=0.1),
+)
