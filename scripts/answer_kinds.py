@@ -15,7 +15,7 @@ import collections
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_treepo.learning import PRESETS, held_out_problems, task_of, warm_model
+from trl_treepo.learning import PRESETS, completions, held_out_problems, task_of, warm_model
 from trl_treepo.testing import reduction_steps
 
 
@@ -45,18 +45,12 @@ def main() -> None:
     path = warm_model(setting, args.seed, args.cache_dir, task, held_out)
     problems = held_out[: args.problems]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    prompts = [row["prompt"] for row in task.dataset(problems)]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(args.seed)
-    for name, sampling, draws in [("greedy", dict(do_sample=False), 1),
+    for name, sampling, draws in [("greedy", {}, 1),
                                   ("sampled", dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0), 3)]:  # fmt: skip
         kinds = collections.Counter()
         for _ in range(draws):
-            with torch.no_grad():
-                output = model.generate(**batch, max_new_tokens=setting.held_out["max_new_tokens"],
-                                        pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
-            texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = completions(model, tokenizer, task, problems, setting.held_out["max_new_tokens"], **sampling)
             kinds.update(kind(task, entry, text) for (_, entry), text in zip(problems, texts))
         total = sum(kinds.values())
         print(f"{name}: " + ", ".join(f"{k} {v / total:.1%}" for k, v in kinds.most_common()) + f" (of {total})")

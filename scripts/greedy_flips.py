@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import collections
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_treepo import TreePOTrainer
-from trl_treepo.learning import (PRESETS, held_out_problems, rl_config, rl_dataset, task_of,  # fmt: skip
+from trl_treepo.learning import (PRESETS, completions, held_out_problems, rl_config, rl_dataset, task_of,  # fmt: skip
                                  vllm_in_policy_precision, warm_model)
 
 
@@ -40,14 +39,7 @@ def main() -> None:
     problems = held_out[: args.problems]
 
     def greedy(model) -> list[str]:
-        tokenizer.padding_side = "left"
-        batch = tokenizer([row["prompt"] for row in task.dataset(problems)], return_tensors="pt", padding=True,
-                          add_special_tokens=False)  # fmt: skip
-        model.eval()
-        with torch.no_grad():
-            output = model.generate(**batch, max_new_tokens=setting.held_out["max_new_tokens"], do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return completions(model.eval(), tokenizer, task, problems, setting.held_out["max_new_tokens"])
 
     before = greedy(AutoModelForCausalLM.from_pretrained(warm))
     with vllm_in_policy_precision():

@@ -104,6 +104,23 @@ def test_sampled_accuracy_standard_error_clusters_by_problem():
     assert difference_se({"sampled_se": 0.03}, {"sampled_se": 0.04}) == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("conversational", [False, True])
+def test_completions_of_a_left_padded_batch_are_each_prompts_own(tmp_path, conversational):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_treepo.learning import completions
+    from trl_treepo.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "tiny", vocab_size=1024)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    task = ReasoningTask("basic_arithmetic", {"min_terms": 2, "max_terms": 5}, conversational=conversational)
+    problems = task.problems(3, seed=0, unique=True)  # prompts of different lengths: the batch pads the shorter
+    tokenizer.padding_side = "right"
+    batched = completions(model, tokenizer, task, problems, max_new_tokens=6)
+    assert tokenizer.padding_side == "right"  # the caller's tokenizer is left as it was
+    assert batched == [completions(model, tokenizer, task, [problem], max_new_tokens=6)[0] for problem in problems]
+
+
 def test_warm_up_answers_work_sums_left_to_right():
     assert worked_steps("4 - 1 - 7") == "4 - 1 = 3, 3 - 7 = -4."
     assert worked_steps("6 + 7") == "6 + 7 = 13."

@@ -24,36 +24,43 @@ def difference_se(before: dict, after: dict, key: str = "sampled") -> float:
     return math.sqrt(before[f"{key}_se"] ** 2 + after[f"{key}_se"] ** 2)
 
 
+def completions(model, tokenizer, task, problems, max_new_tokens: int, **sampling) -> list[str]:
+    """One completion by `model` of each problem's prompt (chat-templated when the task is conversational), decoded
+    in one left-padded batch without gradients; `sampling` goes to `generate` (greedy when empty)."""
+    import torch
+
+    texts = [
+        row["prompt"] if isinstance(row["prompt"], str)
+        else tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        for row in task.dataset(problems)
+    ]  # fmt: skip
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    tokenizer.padding_side = padding_side
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                **{"do_sample": False, **sampling})  # fmt: skip
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def held_out_accuracy(model, tokenizer, task, problems, samples: int, max_new_tokens: int, seed: int) -> dict:
     """Greedy and sampled (temperature 1, `samples` per problem) accuracy of `model` on `problems`, each with its
     clustered standard error. Sampling is seeded and the caller's random state restored, so that the same weights
     give the same numbers and evaluation does not change the training run's random draws."""
     import torch
 
-    dataset = task.dataset(problems)
-    texts = [
-        row["prompt"] if isinstance(row["prompt"], str)
-        else tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
-        for row in dataset
-    ]  # fmt: skip
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    tokenizer.padding_side = padding_side
     entries = [entry for _, entry in problems]
 
     def correct(**sampling) -> list[float]:
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                **sampling)  # fmt: skip
-        completions = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [float(task.correct(completion, entry)) for completion, entry in zip(completions, entries)]
+        texts = completions(model, tokenizer, task, problems, max_new_tokens, **sampling)
+        return [float(task.correct(text, entry)) for text, entry in zip(texts, entries)]
 
     was_training = model.training
     model.eval()
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    with torch.no_grad():
-        greedy = correct(do_sample=False)
-        draws = [correct(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) for _ in range(samples)]
+    greedy = correct()
+    draws = [correct(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) for _ in range(samples)]
     torch.random.set_rng_state(state)
     model.train(was_training)
     greedy_mean, greedy_se = clustered_mean_and_se([[value] for value in greedy])
