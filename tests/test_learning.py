@@ -47,6 +47,16 @@ def test_the_study_runs_every_arm_on_a_task_no_preset_was_tuned_on(tmp_path):
     assert (study / "accuracy-vs-wall-time.png").stat().st_size > 0
     assert "TRL GRPO" in (study / "summary.md").read_text()
 
+    # A later call with fewer arms runs nothing again, and its summary still counts every run in the directory.
+    arms_at = command.index("--arms")
+    again = subprocess.run([*command[:arms_at], "--arms", "treepo", *command[arms_at + 2 :]], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "also counts the 2 other finished runs" in again.stdout
+    report = json.loads((study / "study.json").read_text())
+    assert sorted(run["arm"] for run in report["runs"]) == ["grpo", "treepo", "wide"]
+    assert report["seeds"] == {"treepo": [0], "grpo": [0], "wide": [0]} and report["verdict"] is not None
+
 
 @pytest.mark.parametrize(
     "flags, message",

@@ -5,8 +5,9 @@
         --config '{"tree_branching_factor": 4}' --arm wide='{"tree_initial_divergence": 4}' --arms treepo,wide,grpo
 
 Every run is its own process (one vLLM engine each); a run whose result is already in `--output_dir` is not run again,
-so the same command resumes an interrupted study. Writes `study.json` (setting, every curve and per-step log),
-`summary.md`, `accuracy-vs-decoded-tokens.png` and `accuracy-vs-wall-time.png`.
+so the same command resumes an interrupted study, and a later command adds arms or seeds to it. Writes `study.json`
+(setting, every curve and per-step log), `summary.md`, `accuracy-vs-decoded-tokens.png` and
+`accuracy-vs-wall-time.png`, over every finished run in `--output_dir`, not only the ones this command asked for.
 """
 
 from __future__ import annotations
@@ -178,7 +179,26 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"seed {seed} {arm}: sampled {first['sampled']:.1%} -> {last['sampled']:.1%}, greedy "
                   f"{first['greedy']:.1%} -> {last['greedy']:.1%}, decoded {sum(run['decoded_tokens']):,.0f} tokens "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    earlier = _earlier_runs(output, setting, {(run["arm"], run["seed"]) for run in runs})
+    if earlier:
+        print(f"The summary also counts the {len(earlier)} other finished runs in {output} (same setting): "
+              + ", ".join(f"{run['arm']} seed {run['seed']}" for run in earlier), flush=True)  # fmt: skip
+        runs += earlier
+        for run in earlier:
+            seeds.setdefault(run["arm"], []).append(run["seed"])
     return report(setting, seeds, runs, output, args.backend)
+
+
+def _earlier_runs(output: Path, setting: Setting, asked: set[tuple[str, int]]) -> list[dict]:
+    """The finished runs in a study directory that this invocation did not ask for. The directory holds one setting
+    (checked against setting.json), so they belong in its summary, which would otherwise drop them on a later call
+    with fewer arms or seeds."""
+    runs = []
+    for path in sorted(output.glob("*-*.json")):
+        arm, _, seed = path.stem.rpartition("-")
+        if arm in setting.arms and seed.isdigit() and (arm, int(seed)) not in asked:
+            runs.append(json.loads(path.read_text()))
+    return runs
 
 
 def report(setting: Setting, seeds: dict, runs: list[dict], output: Path, backend: str) -> dict:
