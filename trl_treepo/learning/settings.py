@@ -1,8 +1,8 @@
 """A learning setting: the task, the tiny model and its warm-up, the held-out set, the RL run and the arms compared.
 
-`PRESETS` holds the named settings (`chains`, the multi-step setting where trees have intermediate steps to branch
-at, and `sums`, the earlier two-term setting); every field can be overridden from the command line, and any
-reasoning-gym task can stand in for the preset's.
+`PRESETS` holds the named settings (`habit`, the demo's; `unfinished`; `chains`, the multi-step setting where trees
+have intermediate steps to branch at; and `sums`, the earlier two-term setting); every field can be overridden from
+the command line, and any reasoning-gym task can stand in for the preset's.
 """
 
 from __future__ import annotations
