@@ -13,7 +13,14 @@ import torch.multiprocessing as mp
 from trl.import_utils import is_vllm_available
 
 from trl_treepo import TreeSamplingParams
-from trl_treepo.backends.vllm import RolloutGroup, ServerRequestError, VLLMServerEngine, colocate_rollout, server_rollout
+from trl_treepo.backends.vllm import (
+    RolloutGroup,
+    ServerRequestError,
+    ServerSettings,
+    VLLMServerEngine,
+    colocate_rollout,
+    server_rollout,
+)
 from trl_treepo.sampling import SegmentRequest
 from trl_treepo.testing import free_port
 
@@ -176,7 +183,7 @@ def test_a_dead_server_fails_the_rollout_with_the_url():
     generation = server_generation(url)
     group = RolloutGroup(generation.accelerator, timeout_seconds=5)
     with pytest.raises(ServerRequestError, match=url):
-        server_rollout(generation, [[1, 2, 3]] * 4, 4, PARAMS, None, group, request_timeout=2, max_retries=0)
+        server_rollout(generation, [[1, 2, 3]] * 4, 4, PARAMS, None, group, ServerSettings(request_timeout=2, max_retries=0))
 
 
 def _failing_rollout_worker(rank, port, url, results):
@@ -187,7 +194,7 @@ def _failing_rollout_worker(rank, port, url, results):
         group = RolloutGroup(generation.accelerator, timeout_seconds=60)
         started = time.monotonic()  # after start-up, which a loaded machine can make long
         try:
-            server_rollout(generation, [[1, 2, 3]] * 4, 4, PARAMS, None, group, request_timeout=2, max_retries=0)
+            server_rollout(generation, [[1, 2, 3]] * 4, 4, PARAMS, None, group, ServerSettings(request_timeout=2, max_retries=0))
             results[rank] = "no error"
         except ServerRequestError as error:
             results[rank] = str(error)

@@ -17,6 +17,20 @@ def test_rollout_benchmark_reports_both_modes_and_their_ratios(tiny_model):
     assert report["speedup"] > 0 and report["efficiency"] == report["speedup"] * report["decoded_token_ratio"]
 
 
+def test_rollout_benchmark_compares_the_schedules_side_by_side(tiny_model):
+    report = main(["--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "3", "--width", "4",
+                   "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1",
+                   "--compare-schedules"])  # fmt: skip
+    level, per_tree = report["schedules"]["level"], report["schedules"]["per_tree"]
+    assert report["schedule"] == "level" and report["tree"] == level["tree"]
+    assert level["tree"]["trajectories"] == per_tree["tree"]["trajectories"] == 12
+    # transformers cannot add requests to a running batch: per tree, each tree level is its own call
+    assert per_tree["tree"]["engine_calls"] > level["tree"]["engine_calls"] >= 3
+    for ratios in (level, per_tree):
+        assert ratios["trajectory_speedup_limit"] == 1 / ratios["decoded_token_ratio"]
+        assert ratios["trajectory_speedup_of_limit"] == ratios["trajectory_speedup"] * ratios["decoded_token_ratio"]
+
+
 def test_agentic_benchmark_counts_the_tool_calls_of_both_modes(tool_model):
     report = main(["--model", tool_model, "--tools", "--prompts", "2", "--width", "8", "--segment-length", "32",
                    "--depth", "6", "--warmup", "0", "--repeats", "1", "--tool-latency", "0"])  # fmt: skip

@@ -15,6 +15,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 PURE_CORE = {
     "sampling.py": ("trl", "accelerate", "torch", "transformers", "vllm"),
     "tree.py": ("trl", "accelerate", "torch", "transformers", "vllm"),
+    "scheduling.py": ("trl", "accelerate", "torch", "transformers", "vllm"),
     "advantages.py": ("trl", "accelerate", "torch.distributed", "transformers", "vllm"),
     "packing.py": ("trl", "accelerate", "torch.distributed", "vllm"),
 }

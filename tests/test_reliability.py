@@ -4,6 +4,7 @@ Multi-process runs are in test_multiprocess.py; server faults in test_backends.p
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,29 @@ def test_resume_from_checkpoint_continues_exactly_where_the_uninterrupted_run_go
     assert resumed_log["step"] == straight_log["step"] == 3
     assert resumed_log["reward"] == pytest.approx(straight_log["reward"])
     assert resumed_log["loss"] == pytest.approx(straight_log["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_a_trl_release_that_changes_an_overridden_method_fails_at_import():
+    """Every GRPOTrainer method TreePOTrainer overrides is checked against the signature it was written for."""
+    import trl
+
+    from trl_treepo.trainer.compatibility import OVERRIDDEN, SUPPORTED_TRL, check_grpo_trainer, signature_mismatches
+
+    assert signature_mismatches(trl.GRPOTrainer) == []  # the installed TRL is a supported one
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert f'"trl{SUPPORTED_TRL}"' in pyproject  # the pin says what the check was written for
+    overridden = {name for name, value in vars(TreePOTrainer).items()
+                  if callable(value) and hasattr(trl.GRPOTrainer, name) and name != "__init__"}  # fmt: skip
+    assert overridden == set(OVERRIDDEN)
+
+    class Renamed(trl.GRPOTrainer):
+        def _prepare_inputs(self, batch):  # a parameter renamed
+            return batch
+
+    assert signature_mismatches(Renamed) == [
+        "`_prepare_inputs(self, batch)` was `_prepare_inputs(self, generation_batch)`"
+    ]
+    with pytest.raises(ImportError, match=rf"TRL 9\.9\.9 changed: .*_prepare_inputs.*supports TRL {SUPPORTED_TRL}"):
+        check_grpo_trainer(Renamed, "9.9.9")
+    gone = signature_mismatches(type("Gone", (), {}))
+    assert len(gone) == len(OVERRIDDEN) and "`_generate_single_turn` no longer exists" in gone

@@ -195,6 +195,9 @@ BAD_VALUES = [
     (dict(tree_server_request_timeout=0), "tree_server_request_timeout"),
     (dict(tree_server_max_retries=-1), "tree_server_max_retries"),
     (dict(tree_rollout_timeout=0.0), "tree_rollout_timeout"),
+    (dict(tree_rollout_schedule="async"), "tree_rollout_schedule"),
+    (dict(tree_rollout_schedule="per_tree"), "tree_rollout_schedule='per_tree' needs vLLM"),
+    (dict(tree_server_max_concurrency=0), "tree_server_max_concurrency"),
     (dict(tree_packed_max_tokens=0), "tree_packed_max_tokens"),
     (dict(tree_tool_timeout=0.0), "tree_tool_timeout"),
     (dict(tree_environment_branching="fork"), "tree_environment_branching"),
@@ -211,6 +214,15 @@ def test_settings_that_change_nothing_pass_validation(tmp_path):
                 tree_segment_length=4, tree_max_depth=2)  # fmt: skip
     assert TreePOConfig(**base, generation_kwargs={"num_beams": 1}).generation_kwargs == {"num_beams": 1}
     assert TreePOConfig(**base, generation_kwargs='{"stop": ["Q:"]}').tree_stop_strings == ("Q:",)
+
+
+def test_trees_grow_level_by_level_unless_per_tree_is_asked_for_on_vllm(tmp_path):
+    base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                tree_segment_length=4, tree_max_depth=2)  # fmt: skip
+    assert TreePOConfig(**base).tree_rollout_schedule == "level"
+    assert TreePOConfig(**base, use_vllm=True, tree_rollout_schedule="per_tree").tree_rollout_schedule == "per_tree"
+    # without trees, the schedule is unused and not checked against the backend
+    assert TreePOConfig(**base, tree_sampling=False, tree_rollout_schedule="per_tree").tree_sampling is False
 
 
 def test_without_tree_sampling_the_completion_length_is_grpos_choice(tmp_path):

@@ -102,7 +102,7 @@ def test_fallback_cuts_a_finished_leaf_at_a_segment_boundary_and_keeps_its_prefi
             return [FILL, EOS]  # the original tree: every path ends in its second segment
         return [WORD] * request.max_tokens  # everything grown after the fallback runs to the length limit
 
-    p = params(width=8, seed=3)
+    p = params(width=8, seed=4)
     engine = ScriptedEngine(all_stop_at_depth_two, eos_token_id=EOS)
     rollout = grow_trees(engine, [PROMPT], p, decode)
     leaves = rollout.leaves[0]

@@ -17,6 +17,7 @@ from trl_treepo import TreePOTrainer, TreeSamplingParams, grow_trees
 from trl_treepo.backends.vllm import ServerRequestError, VLLMColocateEngine, VLLMServerEngine
 from trl_treepo.checks import leaf_logprob_gap
 from trl_treepo.sampling import SegmentRequest
+from trl_treepo.scheduling import LevelBatches, ThreadedStream
 from trl_treepo.testing import counting_calculator, final_answer_reward, free_port, make_math_dataset, make_tool_dataset, start_vllm_server
 
 pytestmark = [
@@ -64,8 +65,9 @@ def colocate_run(tiny_model, tmp_path_factory):
         model=tiny_model,
         reward_funcs=reward_length,
         # a stop string through the trainer: vLLM rejects one unless the tree sampler takes it over
+        # per tree: the trainer drives the engine request by request (the server tests train level by level)
         args=vllm_args(tmp_path_factory.mktemp("colocate"), vllm_mode="colocate", max_steps=6,
-                       generation_kwargs={"stop": ["</answer>"]}),
+                       generation_kwargs={"stop": ["</answer>"]}, tree_rollout_schedule="per_tree"),
         train_dataset=make_math_dataset(size=64),
     )
     real_sync = trainer.vllm_generation.sync_weights
@@ -99,7 +101,8 @@ def test_colocate_training_keeps_vllm_in_sync_and_shares_prefixes(colocate_run):
     assert stale[-1] > 10 * max(synced)
 
 
-def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(colocate_run, tiny_model):
+@pytest.mark.parametrize("schedule", ["per_tree", "level"])
+def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(colocate_run, tiny_model, schedule):
     trainer, _, _ = colocate_run
     trainer.vllm_generation.sync_weights()
     llm = trainer.vllm_generation.llm
@@ -107,13 +110,31 @@ def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(coloc
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = prompt_ids(tokenizer)
     params = TreeSamplingParams(width=8, segment_length=SEGMENT, max_depth=DEPTH, eos_token_ids=(tokenizer.eos_token_id,))
-    rollout = grow_trees(VLLMColocateEngine(llm, {"temperature": 1.0}), prompts, params, tokenizer.decode)
+    engine = VLLMColocateEngine(llm, {"temperature": 1.0})
+    rollout = grow_trees(engine if schedule == "per_tree" else LevelBatches(engine), prompts, params, tokenizer.decode)
+    assert all(len(leaves) == 8 for leaves in rollout.leaves)
+    assert rollout.stats.engine_calls >= DEPTH  # level by level one call per depth; per tree, a wait per finished level
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     report = leaf_logprob_gap(model, prompts, rollout, SEGMENT)
     assert report["tokens"] > 8 * SEGMENT * 4
     # bf16 engine vs fp32 trainer: small and flat across depths; a wrong cached prefix would blow up deeper segments
     assert report["max_abs_gap"] < 0.05, report
     assert set(report["max_abs_gap_by_depth"]) == set(range(1, DEPTH + 1))
+
+
+def test_colocate_stream_aborts_what_a_failed_rollout_left_in_the_engine(colocate_run, tiny_model):
+    trainer, _, _ = colocate_run
+    llm = trainer.vllm_generation.llm
+    engine = VLLMColocateEngine(llm, {"temperature": 1.0})
+    prompts = prompt_ids(AutoTokenizer.from_pretrained(tiny_model))
+    tickets = [engine.submit([SegmentRequest(prompt, 2, 8)]) for prompt in prompts]
+    first = engine.wait()
+    assert {ticket for ticket, _ in first} <= set(tickets) and all(len(out[0]) == 2 for _, out in first)
+    engine.close()
+    assert not llm.llm_engine.has_unfinished_requests()
+    # the next user of the engine (TRL's evaluation, the next rollout) starts clean
+    outputs = VLLMColocateEngine(llm, {"temperature": 1.0}).generate([SegmentRequest(prompts[0], 1, 4)])
+    assert len(outputs) == 1 and len(outputs[0][0].token_ids) <= 4
 
 
 def assert_stop_strings_end_leaves(engine_class, engine_arg, tokenizer):
@@ -233,14 +254,18 @@ def test_server_mode_trains_with_trees_grown_through_the_server(vllm_server, tin
     assert hits > 0.5 * queries, (hits, queries)
 
 
-def test_server_tree_leaves_match_the_model_under_prefix_caching(vllm_server, tiny_model):
+@pytest.mark.parametrize("schedule", ["per_tree", "level"])
+def test_server_tree_leaves_match_the_model_under_prefix_caching(vllm_server, tiny_model, schedule):
     from trl.generation.vllm_client import VLLMClient
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = prompt_ids(tokenizer)
     client = VLLMClient(base_url=vllm_server, connection_timeout=10)
     params = TreeSamplingParams(width=8, segment_length=SEGMENT, max_depth=DEPTH, eos_token_ids=(tokenizer.eos_token_id,))
-    rollout = grow_trees(VLLMServerEngine(client, {"temperature": 1.0}), prompts, params, tokenizer.decode)
+    engine = VLLMServerEngine(client, {"temperature": 1.0})
+    # per tree: each tree's levels are concurrent requests, which the server batches
+    rollout = grow_trees(ThreadedStream(engine, 4) if schedule == "per_tree" else engine, prompts, params,
+                         tokenizer.decode)  # fmt: skip
     assert all(len(leaves) == 8 for leaves in rollout.leaves)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     report = leaf_logprob_gap(model, prompts, rollout, SEGMENT)
@@ -359,11 +384,12 @@ def assert_trees_grew_through_tool_calls(trainer, executed):
     assert sum(e["tree/tool_calls"] for e in logs) < sum(e["tree/sequential_tool_calls"] for e in logs)
 
 
-def test_colocate_trees_grow_through_tool_calls(tool_model, tmp_path):
+@pytest.mark.parametrize("schedule", ["level", "per_tree"])
+def test_colocate_trees_grow_through_tool_calls(tool_model, tmp_path, schedule):
     tool, executed = counting_calculator()
     trainer = TreePOTrainer(model=tool_model, reward_funcs=final_answer_reward,
-                            args=tool_args(tmp_path, vllm_mode="colocate"), train_dataset=make_tool_dataset(32),
-                            tools=[tool])  # fmt: skip
+                            args=tool_args(tmp_path, vllm_mode="colocate", tree_rollout_schedule=schedule),
+                            train_dataset=make_tool_dataset(32), tools=[tool])  # fmt: skip
     trainer.train()
     assert_trees_grew_through_tool_calls(trainer, executed)
 
@@ -373,11 +399,13 @@ def tool_server(tool_model, tmp_path_factory):
     yield from serve(tool_model, tmp_path_factory, "tool-server")
 
 
-def test_server_trees_grow_through_tool_calls(tool_server, tool_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["level", "per_tree"])
+def test_server_trees_grow_through_tool_calls(tool_server, tool_model, tmp_path, monkeypatch, schedule):
     install_fake_communicator(monkeypatch)
     tool, executed = counting_calculator()
     trainer = TreePOTrainer(model=tool_model, reward_funcs=final_answer_reward,
-                            args=tool_args(tmp_path, vllm_mode="server", vllm_server_base_url=tool_server),
+                            args=tool_args(tmp_path, vllm_mode="server", vllm_server_base_url=tool_server,
+                                           tree_rollout_schedule=schedule),
                             train_dataset=make_tool_dataset(32), tools=[tool])  # fmt: skip
     trainer.train()
     assert_trees_grew_through_tool_calls(trainer, executed)

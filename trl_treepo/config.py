@@ -19,6 +19,7 @@ from .sampling import (
 
 ADVANTAGE_ESTIMATORS = ("tree", "tree_segment", "grpo")
 ADVANTAGE_NORMALIZATIONS = ("batch_whiten", "none")
+ROLLOUT_SCHEDULES = ("level", "per_tree")
 
 # `generation_kwargs` keys that name stop strings: vLLM's `stop`, transformers' `stop_strings`.
 STOP_STRING_KEYS = ("stop", "stop_strings")
@@ -101,6 +102,17 @@ class TreePOConfig(GRPOConfig):
             transformers backend only: keep each level's KV cache and hand a node's cache to its children instead
             of re-reading their shared prefix. vLLM reuses prefixes through its automatic prefix caching.
 
+        tree_rollout_schedule (`str`, *optional*, defaults to `"level"`):
+            When each tree's next level goes to the engine. `"level"`: one batched engine call per depth for every
+            tree, a barrier across the batch (the released code's rollout). `"per_tree"` (vLLM only): each prompt's
+            tree moves to its next level as soon as its own level is decoded, while other trees' segments still run
+            (colocate drives the engine request by request; server mode sends each tree's levels as concurrent
+            requests). Both give the same trees for the same engine outputs, since every barrier TreePO needs is per
+            prompt (paper §2.4–2.5). `"per_tree"` takes fewer engine steps, but it was not faster on the CPU
+            benchmarks (docs/benchmarks.md), so it is not the default. Not a paper knob.
+        tree_server_max_concurrency (`int`, *optional*, defaults to `32`):
+            vLLM server mode with `tree_rollout_schedule="per_tree"`: tree levels in flight at once as concurrent
+            HTTP requests, which the server batches together.
         tree_server_request_timeout (`float`, *optional*, defaults to `600.0`):
             vLLM server mode: seconds one tree level's HTTP request may take before it fails with an error naming the
             server (TRL's own client waits forever).
@@ -262,6 +274,18 @@ class TreePOConfig(GRPOConfig):
         },
     )
 
+    tree_rollout_schedule: str = field(
+        default="level",
+        metadata={
+            "help": "When each tree's next level goes to the engine: 'level' (one batched call per depth for every "
+            "tree) or 'per_tree' (as soon as its own level is decoded; vLLM only).",
+            "choices": list(ROLLOUT_SCHEDULES),
+        },
+    )
+    tree_server_max_concurrency: int = field(
+        default=32,
+        metadata={"help": "vLLM server mode, per_tree schedule: tree levels in flight at once as concurrent requests."},
+    )
     tree_server_request_timeout: float = field(
         default=600.0,
         metadata={"help": "vLLM server mode: seconds a tree level's HTTP request may take before it fails."},
@@ -438,6 +462,21 @@ class TreePOConfig(GRPOConfig):
             )
         if self.tree_packed_max_tokens is not None and self.tree_packed_max_tokens < 1:
             raise ValueError(f"tree_packed_max_tokens must be a positive token count or None, got {self.tree_packed_max_tokens}.")
+        if self.tree_rollout_schedule not in ROLLOUT_SCHEDULES:
+            raise ValueError(
+                f"Unknown tree_rollout_schedule {self.tree_rollout_schedule!r}. Choose one of: "
+                f"{', '.join(ROLLOUT_SCHEDULES)}."
+            )
+        if self.tree_sampling and self.tree_rollout_schedule == "per_tree" and not self.use_vllm:
+            raise ValueError(
+                "tree_rollout_schedule='per_tree' needs vLLM (use_vllm=True): transformers' `generate` cannot add a "
+                "tree's next level to a running batch, so the transformers backend decodes level by level. Use "
+                "tree_rollout_schedule='level', or set use_vllm=True."
+            )
+        if self.tree_server_max_concurrency < 1:
+            raise ValueError(
+                f"tree_server_max_concurrency must be at least 1, got {self.tree_server_max_concurrency}."
+            )
         if self.tree_rollout_timeout is not None and self.tree_rollout_timeout <= 0:
             raise ValueError(f"tree_rollout_timeout must be positive seconds, got {self.tree_rollout_timeout}.")
         if self.tree_tool_timeout is not None and self.tree_tool_timeout <= 0:

@@ -135,12 +135,28 @@ class SegmentOutput:
 
 
 class SegmentEngine(Protocol):
-    """What the tree sampler needs from a backend: one batched call per tree level.
+    """What the tree sampler needs from a backend: one batched call, here for one level of every live tree.
 
     `generate` returns, for every request in order, a list of `num_branches` outputs.
     """
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]: ...
+
+
+class StreamingSegmentEngine(Protocol):
+    """A backend that decodes groups of requests as they come, so that each tree waits only for its own level.
+
+    `submit` queues one tree level (a group of requests) and returns a ticket at once; `wait` blocks until at least
+    one queued group is fully decoded and returns `(ticket, outputs)` for every group that is, `outputs` in the
+    group's request order as `SegmentEngine.generate` gives them. Groups may finish in any order. `close` drops
+    whatever is still queued (a rollout that failed midway must not leave requests in the engine).
+    """
+
+    def submit(self, requests: Sequence[SegmentRequest]) -> int: ...
+
+    def wait(self) -> list[tuple[int, list[list[SegmentOutput]]]]: ...
+
+    def close(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------ tool calls

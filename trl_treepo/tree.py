@@ -1,12 +1,13 @@
 """TreePO's segment-tree rollout (paper §2; spec §2), free of TRL, torch and any particular engine.
 
-Every prompt grows a tree whose nodes are fixed-length decoding segments. Decoding is level-synchronous: one
-`engine.generate` call per level covers every live path of every prompt. After each level:
+Every prompt grows a tree whose nodes are fixed-length decoding segments (`PromptTree`). A level of a tree decodes
+every live path of that tree at once; `scheduling.drive_trees` decides when each tree's level goes to the engine, and
+a tree never waits for another. After each of its levels:
 
 1. each new segment is classified (§2.3): repetition, answer, EOS, length — a stopped path becomes a leaf;
-2. each prompt's surviving paths share a branching budget (§2.4, with "budget transfer" from paths that just
+2. the prompt's surviving paths share a branching budget (§2.4, with "budget transfer" from paths that just
    stopped): ``T = max(|live|, min(w - |done|, b * (|stopped now| + |live|)))``;
-3. a prompt left with no live path and fewer than w leaves falls back (§2.5): it re-branches, b copies at a time,
+3. a tree left with no live path and fewer than w leaves falls back (§2.5): it re-branches, b copies at a time,
    from random segment boundaries of leaves that ended with an answer or EOS; the width still owed stays branching
    budget, so the re-grown paths branch again.
 
@@ -28,7 +29,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from .sampling import SegmentEngine, SegmentOutput, SegmentRequest, ToolRunner, ToolTurn, TreeSamplingParams
+from .sampling import (
+    SegmentEngine,
+    SegmentOutput,
+    SegmentRequest,
+    StreamingSegmentEngine,
+    ToolRunner,
+    ToolTurn,
+    TreeSamplingParams,
+)
+from .scheduling import drive_trees
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -105,7 +115,7 @@ class Leaf:
 class RolloutStats:
     """Work counters of one rollout. `decoded_tokens` is what the engine generated; `leaf_tokens` what TRL trains on."""
 
-    engine_calls: int = 0
+    engine_calls: int = 0  # waits on the engine: level by level one `generate` call per depth; per tree, more
     requests: int = 0
     branches: int = 0
     decoded_tokens: int = 0
@@ -403,7 +413,7 @@ def _trim_at_eos(output: SegmentOutput, eos_token_ids: frozenset[int], max_token
 
 
 def grow_trees(
-    engine: SegmentEngine,
+    engine: SegmentEngine | StreamingSegmentEngine,
     prompts: Sequence[Sequence[int]],
     params: TreeSamplingParams,
     decode: Decode | None = None,
@@ -413,70 +423,87 @@ def grow_trees(
 
     `decode` turns token ids into text for the answer and repetition rules; without it, only EOS, length and
     depth stop a path. With `tools`, a turn that ends with tool calls runs them (once per node) and the path goes on
-    after their result. The sampler's own choices are deterministic given `params.seed`, the engine's outputs and
-    the tools' results.
+    after their result. Each tree's own choices are deterministic given `params.seed`, its prompt index, the engine's
+    outputs for it and the tools' results: never on other trees, nor on the order in which the engine finishes.
+
+    A `StreamingSegmentEngine` grows every tree at its own pace (`scheduling.drive_trees`); a plain `SegmentEngine`
+    decodes one batched call per level across all trees.
     """
     if not prompts:
         return TreeRollout(leaves=[])
     if any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("Every prompt must hold at least one token; got an empty prompt.")
-    rollout = _Rollout(prompts, params, decode or _no_text, tools)
-    frontier: list[tuple[_Path, int]] = []
-    for prompt_index in range(len(prompts)):
-        fork = min(params.width, rollout.rng.randint(*params.first_divergence_range))
-        frontier.append((_Path(prompt_index, (), [], [], "", tool_state=rollout.root_states[prompt_index]), fork))
-    while frontier:
-        live, stopped_now = rollout.decode_level(engine, frontier)
-        frontier = rollout.branch(live, stopped_now)
-    stats, done = rollout.stats, rollout.done
-    stats.leaf_tokens = sum(leaf.policy_tokens for leaves in done for leaf in leaves)
-    stats.sequential_tool_calls = sum(leaf.tool_calls for leaves in done for leaf in leaves)
-    return TreeRollout(leaves=done, stats=stats)
+    decode = decode or _no_text
+    trees = [
+        PromptTree(index, prompt, params, decode, tools, tools.root_state(index) if tools is not None else None)
+        for index, prompt in enumerate(prompts)
+    ]
+    engine_calls = drive_trees(engine, trees)
+    return _collect(trees, engine_calls)
 
 
-class _Rollout:
-    """The state of one rollout between levels (leaves so far, node ids, counters, the sampler's random draws), and
-    the two halves of a level: decode every frontier path's next segment (§2.1, §2.3), then branch (§2.4, §2.5)."""
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The seed of one prompt's random draws: a tree never depends on the order in which other trees finish."""
+    return (seed * 1_000_003 + prompt_index * 7_919 + 1) % 2**63
 
-    def __init__(self, prompts, params: TreeSamplingParams, decode: Decode, tools: ToolRunner | None):
-        self.prompts, self.params, self.decode_text, self.tools = prompts, params, decode, tools
-        self.rng = random.Random(params.seed)
+
+class PromptTree:
+    """One prompt's tree between its levels: its leaves so far, its frontier, its node ids and its random draws.
+
+    A level has two halves: `requests` decodes every frontier path's next segment (§2.1), and `advance` classifies
+    the new segments (§2.3), then branches (§2.4) or falls back (§2.5). The tree's barrier is its own level: it
+    branches once all of its level is decoded, whatever other trees are doing. Node ids are local to the tree
+    (`_collect` makes them unique within the rollout).
+    """
+
+    def __init__(self, prompt_index: int, prompt, params: TreeSamplingParams, decode: Decode, tools, root_state):
+        self.prompt_index, self.prompt, self.params, self.decode_text, self.tools = (
+            prompt_index, prompt, params, decode, tools)  # fmt: skip
+        self.root_state = root_state
+        self.rng = random.Random(prompt_seed(params.seed, prompt_index))
         self.eos_token_ids = frozenset(params.eos_token_ids)
         self.stats = RolloutStats()
-        self.done: list[list[Leaf]] = [[] for _ in prompts]
+        self.done: list[Leaf] = []
         self.next_node = 0
-        self.root_states = [tools.root_state(i) if tools is not None else None for i in range(len(prompts))]
+        fork = min(params.width, self.rng.randint(*params.first_divergence_range))
+        self.frontier: list[tuple[_Path, int]] = [(_Path(prompt_index, (), [], [], "", tool_state=root_state), fork)]
+        self._requests: list[SegmentRequest] = []
 
-    def decode_level(self, engine: SegmentEngine, frontier: list[tuple[_Path, int]]):
-        """One engine call for the whole level; each new segment classified. Returns the live paths per prompt and
-        how many of each prompt's paths stopped at this level."""
-        params, stats = self.params, self.stats
-        requests = []
-        for path, copies in frontier:
+    @property
+    def finished(self) -> bool:
+        return not self.frontier
+
+    def requests(self) -> list[SegmentRequest]:
+        """The next level's requests: one per frontier path, `num_branches` = its children."""
+        params = self.params
+        self._requests = []
+        for path, copies in self.frontier:
             max_tokens = min(params.segment_length, params.max_response_length - len(path.token_ids))
-            requests.append(SegmentRequest(list(self.prompts[path.prompt_index]) + path.token_ids, copies, max_tokens))
-        outputs = engine.generate(requests)
+            self._requests.append(SegmentRequest(list(self.prompt) + path.token_ids, copies, max_tokens))
+        stats = self.stats
+        stats.requests += len(self._requests)
+        stats.branches += sum(r.num_branches for r in self._requests)
+        stats.submitted_tokens += sum(len(r.token_ids) for r in self._requests)
+        return self._requests
+
+    def advance(self, outputs: Sequence[Sequence[SegmentOutput]]) -> None:
+        """Take the decoded level (one list of `num_branches` outputs per request, in order) and branch."""
+        requests = self._requests
         if len(outputs) != len(requests) or any(len(o) != r.num_branches for o, r in zip(outputs, requests)):
             raise RuntimeError(
                 "The segment engine must return one list of `num_branches` outputs per request; got "
                 f"{[len(o) for o in outputs]} for branches {[r.num_branches for r in requests]}."
             )
-        stats.engine_calls += 1
-        stats.requests += len(requests)
-        stats.branches += sum(r.num_branches for r in requests)
-        stats.submitted_tokens += sum(len(r.token_ids) for r in requests)
-
-        live: dict[int, list[_Path]] = {}
-        stopped_now = Counter()
-        for (parent, _), request, branch_outputs in zip(frontier, requests, outputs):
+        live, stopped_now = [], 0
+        for (parent, _), request, branch_outputs in zip(self.frontier, requests, outputs):
             for output in branch_outputs:
                 child, reason = self._child(parent, request, output)
                 if reason is None:
-                    live.setdefault(child.prompt_index, []).append(child)
+                    live.append(child)
                 else:
-                    self.done[child.prompt_index].append(child.leaf(reason))
-                    stopped_now[child.prompt_index] += 1
-        return live, stopped_now
+                    self.done.append(child.leaf(reason))
+                    stopped_now += 1
+        self.frontier = self._branch(live, stopped_now)
 
     def _child(
         self, parent: _Path, request: SegmentRequest, output: SegmentOutput,
@@ -507,33 +534,45 @@ class _Rollout:
         self.next_node += 1
         reason = classify_segment(child, segment, segment_text, ended, params)
         if self.tools is not None and ended and reason in FALLBACK_ELIGIBLE:
-            child, reason = _run_tool_turn(child, reason, self.prompts, params, self.tools, decode, self.stats)
+            child, reason = _run_tool_turn(child, reason, self.prompt, params, self.tools, decode, self.stats)
         return child, reason
 
-    def branch(self, live: dict[int, list[_Path]], stopped_now: Counter) -> list[tuple[_Path, int]]:
-        """The next level's frontier: each prompt's live paths with their share of its branching budget, or, for a
-        prompt with no live path and fewer than w leaves, a fallback event."""
-        params, frontier = self.params, []
-        for prompt_index in range(len(self.prompts)):
-            paths, done = live.get(prompt_index, []), self.done[prompt_index]
-            if paths:
-                total = branching_budget(len(paths), stopped_now[prompt_index], len(done), params)
-                scores = [_last_segment_mean_logprob(p) for p in paths] if params.needs_logprobs else [0.0] * len(paths)
-                frontier.extend(zip(paths, split_budget(total, scores, params)))
-            elif len(done) < params.width and params.fallback_policy != "none":
-                remaining = params.width - len(done)
-                branches = _fallback_branches(done, remaining, params, self.rng, self.decode_text,
-                                              self.root_states[prompt_index])  # fmt: skip
-                self.stats.fallback_events += 1
-                self.stats.fallback_branches += sum(copies for _, copies in branches)
-                frontier.extend(branches)
-        return frontier
+    def _branch(self, live: list[_Path], stopped_now: int) -> list[tuple[_Path, int]]:
+        """The next level's frontier: the live paths with their share of the branching budget, or, with no live
+        path and fewer than w leaves, a fallback event."""
+        params, done = self.params, self.done
+        if live:
+            total = branching_budget(len(live), stopped_now, len(done), params)
+            scores = [_last_segment_mean_logprob(p) for p in live] if params.needs_logprobs else [0.0] * len(live)
+            return list(zip(live, split_budget(total, scores, params)))
+        if len(done) < params.width and params.fallback_policy != "none":
+            branches = _fallback_branches(done, params.width - len(done), params, self.rng, self.decode_text,
+                                          self.root_state)  # fmt: skip
+            self.stats.fallback_events += 1
+            self.stats.fallback_branches += sum(copies for _, copies in branches)
+            return branches
+        return []
+
+
+def _collect(trees: Sequence[PromptTree], engine_calls: int) -> TreeRollout:
+    """The rollout of finished trees: node ids made unique across trees (in prompt order), counters summed."""
+    stats = RolloutStats(engine_calls=engine_calls)
+    leaves, offset = [], 0
+    for tree in trees:
+        for name, value in vars(tree.stats).items():
+            if name != "engine_calls":
+                setattr(stats, name, getattr(stats, name) + value)
+        leaves.append([replace(leaf, nodes=tuple(offset + node for node in leaf.nodes)) for leaf in tree.done])
+        offset += tree.next_node
+    stats.leaf_tokens = sum(leaf.policy_tokens for prompt_leaves in leaves for leaf in prompt_leaves)
+    stats.sequential_tool_calls = sum(leaf.tool_calls for prompt_leaves in leaves for leaf in prompt_leaves)
+    return TreeRollout(leaves=leaves, stats=stats)
 
 
 def _run_tool_turn(
     path: _Path,
     reason: FinishReason,
-    prompts: Sequence[Sequence[int]],
+    prompt: Sequence[int],
     params: TreeSamplingParams,
     tools: ToolRunner,
     decode: Decode,
@@ -541,7 +580,6 @@ def _run_tool_turn(
 ) -> tuple[_Path, FinishReason | None]:
     """The path and its stop reason after its turn ended: `None` (live, after the tool result) when the turn called
     tools and they ran, `TOOL_LIMIT` when they could not, and `reason` unchanged when the turn called none."""
-    prompt = prompts[path.prompt_index]
     start = path.turn_start
     calls = tools.find_calls(path.prompt_index, list(prompt) + path.token_ids[:start], path.token_ids[start:])
     if calls is None:

@@ -1,29 +1,35 @@
 """Segment engines and rollouts through TRL's vLLM integration (`trl.generation.VLLMGeneration`).
 
-Each tree level is one batched call; siblings resubmit their shared prefix, which vLLM's automatic prefix caching
-serves from cache instead of recomputing (TreePO's KV reuse, spec §3).
+Each tree level is one batched call for every tree (`tree_rollout_schedule="level"`), or each tree grows at its own
+pace (`"per_tree"`, `scheduling.drive_trees`): its next level is queued as soon as its own level is decoded.
+Siblings resubmit their shared prefix, which vLLM's automatic prefix caching serves from cache instead of recomputing
+(TreePO's KV reuse, spec §3).
 
-- Colocate: every process drives its own `vllm.LLM` (`vllm_generation.llm`) with token-id prompts; with tensor
-  parallelism the prompts of a TP group are gathered first, as TRL does, and every rank of the group grows the same
-  trees (same seed, same engine outputs) and keeps its share.
-- Server: the main process gathers every prompt, grows all trees against `vllm serve` over HTTP, and broadcasts the
-  leaves. With tools, each process grows its own trees against the server instead, since a tool call runs where its
-  example's environment lives. The object collectives run on a dedicated Gloo group whose timeout is configurable,
-  so that a rollout of many levels does not trip the NCCL watchdog (ms-swift#10065).
+- Colocate: every process drives its own `vllm.LLM` (`vllm_generation.llm`) with token-id prompts, one `generate`
+  call per depth (per tree: request by request through its `LLMEngine`); with tensor parallelism the prompts of a
+  TP group are gathered first, as TRL does, and every rank of the group grows the same trees (same seed, same
+  engine outputs) and keeps its share.
+- Server: the main process gathers every prompt, grows all trees against `vllm serve` over HTTP (per tree: each
+  tree's levels as concurrent requests, which the server batches), and broadcasts the leaves. With tools, each
+  process grows its own trees against the server instead, since a tool call runs where its example's environment
+  lives. The object collectives run on a dedicated Gloo group whose timeout is configurable, so that a rollout of
+  many levels does not trip the NCCL watchdog (ms-swift#10065).
 """
-
 from __future__ import annotations
 
 import math
 import shlex
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
 from ..config import STOP_STRING_KEYS
 from ..sampling import SegmentOutput, SegmentRequest
+from ..scheduling import LevelBatches, ThreadedStream
 from ..tree import RolloutStats, TreeRollout, grow_trees
 
 
@@ -66,42 +72,89 @@ def _finish(reason: str | None) -> str:
 
 
 class VLLMColocateEngine:
-    """`SegmentEngine` over an in-process `vllm.LLM`: one `generate` call per level, `n = num_branches` per prompt."""
+    """Segment engine over an in-process `vllm.LLM`, `n = num_branches` per request.
+
+    As a `StreamingSegmentEngine` (`submit`/`wait`) it drives the `LLMEngine` under TRL's `LLM` request by request:
+    a tree's next level joins the running batch as soon as its own level is decoded (`tree_rollout_schedule=
+    "per_tree"`). `generate` is one `LLM.generate` call (the level-synchronous rollout, wrapped in `LevelBatches`).
+    """
 
     def __init__(self, llm, sampling: dict):
         self.llm = llm
         self.sampling = sampling
+        self.next_ticket = 0
+        self.owners: dict[str, tuple[int, int]] = {}  # vLLM request id -> (ticket, request index in its group)
+        self.groups: dict[int, list] = {}  # ticket -> the group's outputs so far (None: not finished)
+
+    def _sampling_params(self, request: SegmentRequest):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # No detokenization: the sampler decodes each finished segment once itself, while vLLM would decode every
+        # token incrementally (and every logprob's token string) on the host, competing with the engine for CPU.
+        return SamplingParams(
+            **self.sampling,
+            n=request.num_branches,
+            max_tokens=request.max_tokens,
+            logprobs=0,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, with all of its branches
+        )
+
+    @staticmethod
+    def _branches(output) -> list[SegmentOutput]:
+        branches = []
+        for completion in output.outputs:
+            ids = list(completion.token_ids)
+            logprobs = None
+            if completion.logprobs is not None:
+                logprobs = [position[token].logprob for position, token in zip(completion.logprobs, ids)]
+            branches.append(SegmentOutput(ids, logprobs, _finish(completion.finish_reason)))
+        return branches
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]:
-        from vllm import SamplingParams
-
         if not requests:
             return []
         prompts = [{"prompt_token_ids": list(request.token_ids)} for request in requests]
-        # No detokenization: the sampler decodes each finished segment once itself, while vLLM would decode every
-        # token incrementally (and every logprob's token string) on the host, competing with the engine for CPU.
-        params = [
-            SamplingParams(
-                **self.sampling,
-                n=request.num_branches,
-                max_tokens=request.max_tokens,
-                logprobs=0,
-                detokenize=False,
-            )
-            for request in requests
-        ]
+        params = [self._sampling_params(request) for request in requests]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        results = []
-        for output in outputs:
-            branches = []
-            for completion in output.outputs:
-                ids = list(completion.token_ids)
-                logprobs = None
-                if completion.logprobs is not None:
-                    logprobs = [position[token].logprob for position, token in zip(completion.logprobs, ids)]
-                branches.append(SegmentOutput(ids, logprobs, _finish(completion.finish_reason)))
-            results.append(branches)
-        return results
+        return [self._branches(output) for output in outputs]
+
+    def submit(self, requests: Sequence[SegmentRequest]) -> int:
+        engine = self.llm.llm_engine
+        self.next_ticket += 1
+        ticket = self.next_ticket
+        self.groups[ticket] = [None] * len(requests)
+        for index, request in enumerate(requests):
+            request_id = f"treepo-{ticket}-{index}"  # never an integer, so never one of `LLM.generate`'s own ids
+            self.owners[request_id] = (ticket, index)
+            engine.add_request(request_id, {"prompt_token_ids": list(request.token_ids)}, self._sampling_params(request))
+        return ticket
+
+    def wait(self) -> list[tuple[int, list[list[SegmentOutput]]]]:
+        engine = self.llm.llm_engine
+        finished = []
+        while not finished:
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(
+                    f"The vLLM engine holds none of the {len(self.owners)} tree requests still awaited: were they "
+                    "aborted by another user of the same LLM while a tree rollout was running?"
+                )
+            for output in engine.step():
+                if not output.finished or output.request_id not in self.owners:
+                    continue
+                ticket, index = self.owners.pop(output.request_id)
+                group = self.groups[ticket]
+                group[index] = self._branches(output)
+                if all(branches is not None for branches in group):
+                    finished.append((ticket, self.groups.pop(ticket)))
+        return finished
+
+    def close(self) -> None:
+        """Abort the requests of a rollout that stopped midway, so that the next `generate` starts clean."""
+        if self.owners:
+            self.llm.llm_engine.abort_request(list(self.owners))
+        self.owners, self.groups = {}, {}
 
 
 class ServerRequestError(RuntimeError):
@@ -122,6 +175,17 @@ class VLLMServerEngine:
         self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.url = f"{client.base_url}/v1/completions"
+        self._local = threading.local()  # `generate` may run in several threads (`ThreadedStream`)
+
+    def _session(self):
+        """This thread's HTTP session (a `requests.Session` is not thread-safe), with the client's headers."""
+        import requests
+
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            session.headers.update(self.client.session.headers)
+        return session
 
     def _post(self, payload: dict) -> dict:
         import requests
@@ -129,7 +193,7 @@ class VLLMServerEngine:
         last_error = None
         for attempt in range(self.max_retries + 1):
             try:
-                response = self.client.session.post(self.url, json=payload, timeout=self.request_timeout)
+                response = self._session().post(self.url, json=payload, timeout=self.request_timeout)
             except requests.RequestException as error:
                 last_error = f"{type(error).__name__}: {error}"
             else:
@@ -186,8 +250,13 @@ class VLLMServerEngine:
 # ------------------------------------------------------------------------------------------------------ rollouts
 
 
-def colocate_rollout(vllm_generation, roots, params, decode, tools=None) -> TreeRollout:
-    """Grow trees on this process's colocated engine (gathering the prompts of its TP group first)."""
+def colocate_rollout(vllm_generation, roots, params, decode, tools=None, schedule: str = "level") -> TreeRollout:
+    """Grow trees on this process's colocated engine (gathering the prompts of its TP group first).
+
+    `schedule="per_tree"` drives the engine request by request; `"level"` makes one `LLM.generate` call per depth. The
+    ranks of a TP group drive their engines identically either way: the same trees, the same outputs, so the same
+    requests in the same order between the same steps.
+    """
     llm = vllm_generation.llm
     group_size = vllm_generation.tensor_parallel_size
     if group_size > 1:
@@ -204,7 +273,8 @@ def colocate_rollout(vllm_generation, roots, params, decode, tools=None) -> Tree
         llm.wake_up(tags=["kv_cache"])
     try:
         engine = VLLMColocateEngine(llm, sampling_settings(vllm_generation))
-        rollout = grow_trees(engine, all_roots, params, decode, tools)
+        rollout = grow_trees(engine if schedule == "per_tree" else LevelBatches(engine), all_roots, params, decode,
+                             tools)  # fmt: skip
     finally:
         if vllm_generation.enable_sleep_mode:
             llm.sleep(level=2)
@@ -250,8 +320,7 @@ def server_rollout(
     params,
     decode,
     rollout_group: RolloutGroup,
-    request_timeout: float,
-    max_retries: int,
+    server: ServerSettings,
 ):
     """Grow every process's trees on the main process against the server, mirroring TRL's gather and broadcast.
 
@@ -265,8 +334,7 @@ def server_rollout(
     if accelerator.is_main_process:
         try:
             roots = [list(root) for root in all_rows[::num_generations]]
-            engine = _server_engine(vllm_generation, request_timeout, max_retries)
-            rollout = grow_trees(engine, roots, params, decode)
+            rollout = grow_trees(_server_engine(vllm_generation, server), roots, params, decode)
             payload = (rollout.rows(num_generations), rollout.stats, None)
         except Exception as error:  # hand the failure to every process instead of leaving them waiting
             payload = (None, None, f"{type(error).__name__}: {error}")
@@ -277,24 +345,37 @@ def server_rollout(
     return rows[start : start + len(prompt_ids)], stats if accelerator.is_main_process else RolloutStats()
 
 
-def _server_engine(vllm_generation, request_timeout: float, max_retries: int) -> VLLMServerEngine:
-    return VLLMServerEngine(
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a rollout talks to `vllm serve` (`TreePOConfig.tree_server_*`, `tree_rollout_schedule`)."""
+
+    request_timeout: float = 600.0
+    max_retries: int = 2
+    schedule: str = "level"
+    max_concurrency: int = 32
+
+
+def _server_engine(vllm_generation, server: ServerSettings):
+    """The server as a segment engine: level by level, one request per depth for every tree; per tree, each tree
+    level its own request (at most `max_concurrency` in flight, which the server batches together)."""
+    engine = VLLMServerEngine(
         vllm_generation.vllm_client,
         sampling_settings(vllm_generation),
-        request_timeout=request_timeout,
-        max_retries=max_retries,
+        request_timeout=server.request_timeout,
+        max_retries=server.max_retries,
     )
+    return ThreadedStream(engine, server.max_concurrency) if server.schedule == "per_tree" else engine
 
 
 def local_server_rollout(
-    vllm_generation, roots, params, decode, tools, rollout_group: RolloutGroup, request_timeout: float, max_retries: int
+    vllm_generation, roots, params, decode, tools, rollout_group: RolloutGroup, server: ServerSettings
 ) -> TreeRollout:
     """Grow this process's trees against the server (tool calls run on the process that holds their environments).
 
     A failure on any process is raised on every process, instead of leaving the others waiting in the next collective.
     """
     rollout, failure = None, None
-    engine = _server_engine(vllm_generation, request_timeout, max_retries)
+    engine = _server_engine(vllm_generation, server)
     try:
         rollout = grow_trees(engine, roots, params, decode, tools)
     except Exception as error:

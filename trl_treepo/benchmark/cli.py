@@ -14,7 +14,7 @@ from .harness import DEFAULT_MODEL_DIR, DEFAULT_TOOL_MODEL_DIR, Backend, load_pr
 from .packing import PACKING_MODES, PACKING_SHAPES, compare_packing, packing_worker, plot_packing
 from .rollout import compare, plot_sweep, sweep_depths
 from .tools import tool_prompts
-from .training import PHASES, TRAINERS, compare_training_steps, train_worker
+from .training import PHASES, TRAINERS, compare_training_steps, train_worker, trainers_of
 
 
 def rollout_table(report: dict) -> str:
@@ -24,6 +24,7 @@ def rollout_table(report: dict) -> str:
         ("leaf tokens", "leaf_tokens", "{:.0f}"),
         ("decoded tokens", "decoded_tokens", "{:.0f}"),
         ("engine calls", "engine_calls", "{:.0f}"),
+        ("engine steps", "engine_steps", "{:.0f}"),
         ("requests", "requests", "{:.0f}"),
         ("early-stopped leaves", "early_stop_ratio", "{:.0%}"),
         ("TrajPS", "trajectories_per_s", "{:.2f}"),
@@ -31,14 +32,18 @@ def rollout_table(report: dict) -> str:
     ]
     if "tool_call_ratio" in report:
         rows += [("tool calls executed", "tool_calls", "{:.0f}"), ("tool calls on paths", "path_tool_calls", "{:.0f}")]
-    lines = [f"{'':24}{'sequential':>14}{'tree':>14}"]
+    schedules = report["schedules"]
+    columns = [("sequential", report["sequential"])] + [(f"tree ({s})", r["tree"]) for s, r in schedules.items()]
+    lines = [f"{'':24}" + "".join(f"{name:>18}" for name, _ in columns)]
     for label, key, fmt in rows:
-        lines.append(f"{label:24}{fmt.format(report['sequential'][key]):>14}{fmt.format(report['tree'][key]):>14}")
-    lines.append(
-        f"speedup (TokenPS) {report['speedup']:.2f}x   TrajPS {report['trajectory_speedup']:.2f}x   "
-        f"decoded-token ratio {report['decoded_token_ratio']:.3f}   efficiency {report['efficiency']:.2f}   "
-        f"decode-rate ratio {report['decode_rate_ratio']:.2f}"
-    )
+        lines.append(f"{label:24}" + "".join(f"{fmt.format(result[key]):>18}" for _, result in columns))
+    for schedule, ratios in schedules.items():
+        lines.append(
+            f"{schedule:8}: speedup (TokenPS) {ratios['speedup']:.2f}x   TrajPS {ratios['trajectory_speedup']:.2f}x "
+            f"(limit {ratios['trajectory_speedup_limit']:.2f}x: {ratios['trajectory_speedup_of_limit']:.2f} of it)   "
+            f"decoded-token ratio {ratios['decoded_token_ratio']:.3f}   efficiency {ratios['efficiency']:.2f}   "
+            f"decode-rate ratio {ratios['decode_rate_ratio']:.2f}"
+        )
     if "tool_call_ratio" in report:
         lines.append(
             f"tool calls per trajectory, tree / sequential {report['tool_call_ratio']:.3f}   "
@@ -65,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--branching", type=int, default=2, help="paper: 2")
     parser.add_argument("--initial-divergence", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--compare-schedules", action="store_true",
+                        help="grow the trees both per tree and level by level (tree_rollout_schedule), side by side; "
+                        "with --train, time a TreePO step with each")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -174,14 +182,18 @@ def _rollout_report(args, argv: list[str]) -> dict:
             plot_sweep(sweep, sequential, args.plot, f"{args.backend}, {report['setup']['device']}, width {args.width}")
     if args.train:
         del backend  # free the rollout engine before the trainers build theirs
-        report["train"] = _train_report([a for a in argv if a not in ("--train", "--json")])
+        report["train"] = _train_report([a for a in argv if a not in ("--train", "--json")], trainers_of(args))
     return report
 
 
-def _train_report(argv: list[str]) -> dict:
-    train = compare_training_steps(argv)
+def _train_report(argv: list[str], trainers: tuple[str, ...]) -> dict:
+    train = compare_training_steps(argv, trainers)
+    per_tree = ""
+    if "treepo-per-tree" in train:
+        per_tree = (f", TreePO per tree {train['treepo-per-tree']['step_s']:.2f} s "
+                    f"({train['per_tree_step_speedup']:.2f}x)")  # fmt: skip
     print(f"training step: GRPO {train['grpo']['step_s']:.2f} s, "
-          f"TreePO {train['treepo']['step_s']:.2f} s ({train['step_speedup']:.2f}x), "
+          f"TreePO {train['treepo']['step_s']:.2f} s ({train['step_speedup']:.2f}x){per_tree}, "
           f"TreePO packed {train['treepo-packed']['step_s']:.2f} s", flush=True)
     print(f"loss forward+backward: TreePO {train['treepo']['loss_s']:.2f} s, packed "
           f"{train['treepo-packed']['loss_s']:.2f} s ({train['packed_loss_speedup']:.2f}x; packed/leaf tokens "
@@ -194,9 +206,10 @@ def _train_report(argv: list[str]) -> dict:
 
 def phase_table(train: dict) -> str:
     """Median seconds per step of each phase, one column per trainer (`training.PHASES`)."""
-    lines = [f"{'phase (s per step)':24}" + "".join(f"{name:>16}" for name in TRAINERS)]
+    trainers = [name for name in TRAINERS if name in train]
+    lines = [f"{'phase (s per step)':24}" + "".join(f"{name:>16}" for name in trainers)]
     for phase in (*PHASES, "step"):
-        lines.append(f"{phase:24}" + "".join(f"{train[name]['phases'][phase]:>16.3f}" for name in TRAINERS))
+        lines.append(f"{phase:24}" + "".join(f"{train[name]['phases'][phase]:>16.3f}" for name in trainers))
     return "\n".join(lines)
 
 
@@ -217,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.train_worker:
             report = train_worker(args)
         elif args.train_only:
-            report = {"train": _train_report([a for a in argv if a not in ("--train-only", "--json")])}
+            report = {"train": _train_report([a for a in argv if a not in ("--train-only", "--json")],
+                                             trainers_of(args))}  # fmt: skip
         else:
             report = _rollout_report(args, argv)
     if args.json or args.packing_worker or args.train_worker:  # workers hand their result back on the last line

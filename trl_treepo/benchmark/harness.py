@@ -31,6 +31,7 @@ class RunResult:
     early_stop_ratio: float  # leaves that ended before the length limit
     tool_calls: int = 0  # executed
     path_tool_calls: int = 0  # on the trajectories' paths: what running each trajectory on its own executes
+    engine_steps: int = 0  # vLLM: `LLMEngine.step` calls, each one decoding step of the running batch
 
     @property
     def trajectories_per_s(self) -> float:
@@ -83,6 +84,14 @@ class Backend:
                 seed=args.seed,
             )
             self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
+            self.engine_steps = 0
+            step = self.llm.llm_engine.step
+
+            def counted_step():
+                self.engine_steps += 1
+                return step()
+
+            self.llm.llm_engine.step = counted_step
         else:
             import torch
             from transformers import AutoModelForCausalLM, GenerationConfig
@@ -100,6 +109,7 @@ class Backend:
             )
             self.pad_token_id = pad_token_id
             self.block_size = None
+            self.engine_steps = 0
 
     def engine(self, reuse_kv_cache: bool = True):
         if self.args.backend == "vllm":

@@ -1,6 +1,6 @@
 """Sequential vs tree rollouts on one engine (paper §4.1): GRPO's `width` independent completions per prompt against
-TreePO's tree with as many leaves, the same length limit and sampling; and the depth × segment sweep at a fixed token
-budget (paper §4.3)."""
+TreePO's tree with as many leaves, the same length limit and sampling, grown per tree or level by level
+(`--compare-schedules`); and the depth × segment sweep at a fixed token budget (paper §4.3)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import statistics
 import time
 
 from ..sampling import SegmentRequest, TreeSamplingParams
+from ..scheduling import LevelBatches, is_streaming
 from ..tree import grow_trees
 from .harness import Backend, RunResult, median_result, sampling_params, trim_at_eos
 from .tools import run_sequential_with_tools
@@ -52,43 +53,92 @@ def run_tree(engine, prompts, params: TreeSamplingParams, decode, tools=None) ->
 
 
 
+class OneGroupPerCall:
+    """Per-tree expansion on an engine without continuous batching (transformers' `generate`): each tree level is
+    its own call, in submission order. What `--compare-schedules` measures for the transformers backend."""
+
+    def __init__(self, engine):
+        self.engine, self.pending, self.next_ticket = engine, [], 0
+
+    def submit(self, requests) -> int:
+        self.next_ticket += 1
+        self.pending.append((self.next_ticket, list(requests)))
+        return self.next_ticket
+
+    def wait(self):
+        ticket, requests = self.pending.pop(0)
+        return [(ticket, self.engine.generate(requests))]
+
+    def close(self) -> None:
+        self.pending = []
+
+
+def tree_engine(engine, schedule: str):
+    """`engine` driven per tree (`"per_tree"`) or one call per depth for every tree (`"level"`)."""
+    if schedule == "level":
+        return LevelBatches(engine)
+    return engine if is_streaming(engine) else OneGroupPerCall(engine)
+
+
+def schedules_of(args) -> list[str]:
+    """The tree schedules to run: the default (`TreePOConfig.tree_rollout_schedule`, level by level), and with
+    `--compare-schedules` per tree too."""
+    return ["level", "per_tree"] if args.compare_schedules else ["level"]
+
+
+def _ratios(sequential_runs: list[RunResult], tree_runs: list[RunResult]) -> dict:
+    sequential, tree = median_result(sequential_runs), median_result(tree_runs)
+    decoded_ratio = tree["decoded_tokens"] / sequential["decoded_tokens"]
+    speedup = tree["leaf_tokens_per_s"] / sequential["leaf_tokens_per_s"]
+    trajectory_speedup = tree["trajectories_per_s"] / sequential["trajectories_per_s"]
+    decode_rate = [statistics.median(r.decoded_tokens / r.wall_s for r in runs) for runs in (sequential_runs, tree_runs)]
+    return {
+        "tree": tree,
+        "speedup": speedup,
+        "trajectory_speedup": trajectory_speedup,
+        "decoded_token_ratio": decoded_ratio,
+        "efficiency": speedup * decoded_ratio,
+        "decode_rate_ratio": decode_rate[1] / decode_rate[0],
+        # a tree can be at most 1 / (decoded-token ratio) faster than sequential sampling at an equal decode rate
+        "trajectory_speedup_limit": 1 / decoded_ratio,
+        "trajectory_speedup_of_limit": trajectory_speedup * decoded_ratio,
+    }
+
+
 def compare(backend: Backend, prompts, params, decode, args, tools=None) -> dict:
-    """Warm up both modes, then alternate sequential and tree runs; medians per mode and their ratios."""
-    results = {"sequential": [], "tree": []}
+    """Warm up every mode, then alternate sequential and tree runs (each tree schedule in turn); medians per mode and
+    their ratios. The first schedule's are the report's top-level `tree` and ratios; every schedule's are under
+    `schedules`."""
+    schedules = schedules_of(args)
+    modes = ["sequential", *schedules]
+    results = {mode: [] for mode in modes}
     for repeat in range(args.warmup + args.repeats):
-        for mode in ("sequential", "tree"):
+        for mode in modes:
             backend.seed(args.seed + repeat)
             engine = backend.engine(reuse_kv_cache=not args.no_kv_reuse)
-            if mode == "tree":
-                run = run_tree(engine, prompts, params, decode, tools)
+            steps_before = backend.engine_steps
+            if mode != "sequential":
+                run = run_tree(tree_engine(engine, mode), prompts, params, decode, tools)
             elif tools is not None:
                 run = run_sequential_with_tools(engine, prompts, params, tools)
             else:
                 run = run_sequential(engine, prompts, params)
+            run.engine_steps = backend.engine_steps - steps_before
             if repeat >= args.warmup:
                 results[mode].append(run)
-    sequential, tree = median_result(results["sequential"]), median_result(results["tree"])
-    speedup = tree["leaf_tokens_per_s"] / sequential["leaf_tokens_per_s"]
-    decoded_ratio = tree["decoded_tokens"] / sequential["decoded_tokens"]
-    decode_rate = [statistics.median(r.decoded_tokens / r.wall_s for r in results[m]) for m in ("sequential", "tree")]
+    sequential = median_result(results["sequential"])
+    per_schedule = {schedule: _ratios(results["sequential"], results[schedule]) for schedule in schedules}
     tool_ratio = {}
     if tools is not None:
+        tree = per_schedule[schedules[0]]["tree"]
         tool_ratio = {
             # calls per trajectory, tree over sequential; and, on the tree's own trajectories, executed over on-path
             "tool_call_ratio": (tree["tool_calls"] / tree["trajectories"])
             / max(sequential["tool_calls"] / sequential["trajectories"], 1e-9),
             "tree_tool_call_sharing": tree["tool_calls"] / max(tree["path_tool_calls"], 1),
         }
-    return {
-        **tool_ratio,
-        "sequential": sequential,
-        "tree": tree,
-        "speedup": speedup,
-        "trajectory_speedup": tree["trajectories_per_s"] / sequential["trajectories_per_s"],
-        "decoded_token_ratio": decoded_ratio,
-        "efficiency": speedup * decoded_ratio,
-        "decode_rate_ratio": decode_rate[1] / decode_rate[0],
-    }
+    return {**tool_ratio, "sequential": sequential, **per_schedule[schedules[0]], "schedule": schedules[0],
+            "schedules": per_schedule}  # fmt: skip
 
 
 def sweep_depths(backend: Backend, prompts, eos_token_ids, decode, args) -> list[dict]:
@@ -100,8 +150,11 @@ def sweep_depths(backend: Backend, prompts, eos_token_ids, decode, args) -> list
             raise SystemExit(f"--sweep-depths: {depth} does not divide the token budget {budget}.")
         point = compare(backend, prompts, sampling_params(args, eos_token_ids, depth, budget // depth), decode, args)
         sweep.append({"depth": depth, "segment_length": budget // depth, **point})
-        print(f"depth {depth:3d} × {budget // depth:4d}: speedup {point['speedup']:.2f}x, "
-              f"decoded-token ratio {point['decoded_token_ratio']:.3f}", flush=True)
+        for schedule, ratios in point["schedules"].items():
+            print(f"depth {depth:3d} × {budget // depth:4d}, {schedule:8}: speedup {ratios['speedup']:.2f}x, "
+                  f"TrajPS {ratios['trajectory_speedup']:.2f}x of {ratios['trajectory_speedup_limit']:.2f}x, "
+                  f"decoded-token ratio {ratios['decoded_token_ratio']:.3f}, "
+                  f"decode-rate ratio {ratios['decode_rate_ratio']:.2f}", flush=True)
     return sweep
 
 
@@ -113,7 +166,9 @@ def plot_sweep(sweep: list[dict], sequential_tokens_per_s: float, path: str, tit
 
     labels = [f"{p['depth']}×{p['segment_length']}" for p in sweep]
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    axis.plot(labels, [p["tree"]["leaf_tokens_per_s"] for p in sweep], marker="o", label="tree (TreePO)")
+    for schedule in sweep[0]["schedules"]:
+        tokens_per_s = [p["schedules"][schedule]["tree"]["leaf_tokens_per_s"] for p in sweep]
+        axis.plot(labels, tokens_per_s, marker="o", label=f"tree (TreePO), {schedule.replace('_', ' ')}")
     axis.axhline(sequential_tokens_per_s, color="grey", linestyle="--", label="sequential (GRPO)")
     axis.set_xlabel("depth × segment length (fixed token budget)")
     axis.set_ylabel("TokenPS (leaf tokens / s)")

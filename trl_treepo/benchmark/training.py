@@ -10,7 +10,7 @@ import time
 
 from .harness import run_worker, task_dataset, worker_result
 
-TRAINERS = ("grpo", "treepo", "treepo-packed")
+TRAINERS = ("grpo", "treepo", "treepo-packed", "treepo-per-tree")  # the last: `--compare-schedules` on vLLM only
 
 
 # The phases of a training step, each timed exclusive of the phases nested in it (an engine call inside the rollout
@@ -94,8 +94,9 @@ class StepProfile:
         patches = [(GenerationMixin, "generate", "engine"), (TransformersSegmentEngine, "_prefill", "engine")]
         if getattr(trainer, "vllm_generation", None) is not None:
             llm = getattr(trainer.vllm_generation, "llm", None)
-            if llm is not None:
-                patches.append((llm, "generate", "engine"))
+            if llm is not None:  # level by level through `generate`, per tree through the engine's steps
+                patches += [(llm, "generate", "engine"), (llm.llm_engine, "step", "engine"),
+                            (llm.llm_engine, "add_request", "engine")]  # fmt: skip
             patches.append((trainer.vllm_generation, "sync_weights", "weight_sync"))
         patches += [
             (trainer, "_generate_single_turn", "rollout"),
@@ -160,6 +161,7 @@ def _trainer(args, output_dir: str, dataset):
         tree_branching_factor=args.branching,
         tree_initial_divergence=args.initial_divergence,
         tree_packed_training=args.train_worker == "treepo-packed",
+        tree_rollout_schedule="per_tree" if args.train_worker == "treepo-per-tree" else "level",
         **common,
     )
     return TreePOTrainer(args.model, _length_reward, args=config, train_dataset=dataset)
@@ -201,15 +203,22 @@ def train_worker(args) -> dict:
     return result
 
 
-def compare_training_steps(argv: list[str]) -> dict:
+def trainers_of(args) -> tuple[str, ...]:
+    """The trainers `--train` compares: with `--compare-schedules` on vLLM, TreePO per tree too."""
+    return TRAINERS if args.compare_schedules and args.backend == "vllm" else TRAINERS[:3]
+
+
+def compare_training_steps(argv: list[str], trainers: tuple[str, ...]) -> dict:
     """Median wall time of a TreePOTrainer step and a GRPOTrainer step with the same leaves per prompt."""
     results = {}
-    for name in TRAINERS:
+    for name in trainers:
         finished = run_worker([*argv, "--train-worker", name])
         if finished.returncode != 0:
             raise RuntimeError(f"The {name} training run failed:\n{finished.stderr[-3000:]}")
         results[name] = worker_result(finished)
     results["step_speedup"] = results["grpo"]["step_s"] / results["treepo"]["step_s"]
+    if "treepo-per-tree" in results:
+        results["per_tree_step_speedup"] = results["grpo"]["step_s"] / results["treepo-per-tree"]["step_s"]
     results["packed_loss_speedup"] = results["treepo"]["loss_s"] / results["treepo-packed"]["loss_s"]
     results["packed_step_speedup"] = results["treepo"]["step_s"] / results["treepo-packed"]["step_s"]
     return results

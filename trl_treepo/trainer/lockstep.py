@@ -11,7 +11,9 @@ agreed here with a small all-reduce before they act:
   stand-in forwards, joined to the loss with weight 0 so that their backward runs too);
 - the verdict of packing's first-use self-check (one rank's failure turns packing off on all).
 
-With one process these are no-ops.
+With one process these are no-ops. A vLLM rollout needs none of them, per tree or level by level: its engine calls
+are not collectives of the policy, and however many steps or waits a rank's trees take, the forwards that follow
+(packed or not) are agreed here as above.
 """
 
 from __future__ import annotations

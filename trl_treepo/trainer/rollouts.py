@@ -25,6 +25,7 @@ from ..backends.transformers import TransformersSegmentEngine
 from ..backends.vllm import (
     RolloutGroup,
     ServerRequestError,
+    ServerSettings,
     colocate_rollout,
     engine_runs_on_cpu,
     local_server_rollout,
@@ -254,22 +255,23 @@ class TreeRollouts:
         rollout_id = self._next_rollout()
         params = self._sampling_params(rollout_id)
         decode = trainer._tokenizer.decode
-        server_retries = dict(request_timeout=args.tree_server_request_timeout,
-                              max_retries=args.tree_server_max_retries)  # fmt: skip
+        server = ServerSettings(args.tree_server_request_timeout, args.tree_server_max_retries,
+                                args.tree_rollout_schedule, args.tree_server_max_concurrency)  # fmt: skip
         if trainer.use_vllm:
             self._sync_vllm_weights()
             if trainer.vllm_mode == "server" and not trainer.tools:
                 rows, stats = server_rollout(trainer.vllm_generation, prompt_ids, num_generations, params, decode,
-                                             self.group, **server_retries)  # fmt: skip
+                                             self.group, server)  # fmt: skip
                 return rows, stats, ("server", rollout_id)
         roots = self._unique_prompts(prompt_ids, num_generations)
         tools = self.executor = self._tool_executor(len(roots), num_generations) if trainer.tools else None
         if trainer.use_vllm and trainer.vllm_mode == "server":
             # Tools run where their examples' environments live, so each process grows its own trees on the server.
             rollout = local_server_rollout(trainer.vllm_generation, roots, params, decode, tools, self.group,
-                                           **server_retries)  # fmt: skip
+                                           server)  # fmt: skip
         elif trainer.use_vllm:
-            rollout = colocate_rollout(trainer.vllm_generation, roots, params, decode, tools)
+            rollout = colocate_rollout(trainer.vllm_generation, roots, params, decode, tools,
+                                       args.tree_rollout_schedule)  # fmt: skip
         else:
             rollout = self._grow_trees_with_transformers(roots, params, tools)
         if tools is not None and tools.timeouts:

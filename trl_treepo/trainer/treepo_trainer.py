@@ -24,17 +24,21 @@ import os
 import textwrap
 
 import torch
+import trl
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
 from ..config import TreePOConfig, grpo_differences_message
 from .advantage_step import AdvantageStep, name_failures
+from .compatibility import check_grpo_trainer
 from .packed_forward import PackedForward, shuffling_whole_trees
 from .rollouts import TreeRollouts, refuse_unsupported_rollouts, unreachable_server_error
 from .telemetry import TreeTelemetry, add_treepo_section
 
 logger = logging.getLogger(__name__)
+
+check_grpo_trainer(GRPOTrainer, trl.__version__)  # before any override can be silently skipped or misfed
 
 
 class TreePOTrainer(GRPOTrainer):
