@@ -23,6 +23,9 @@ ARMS = {
     "high_prob_divergence": {"tree_divergence_policy": "high_prob"},
     # The same trees grown per tree instead of level by level (`tree_rollout_schedule`; vLLM): equal in distribution.
     "treepo_per_tree": {"tree_rollout_schedule": "per_tree"},
+    # Finer credit assignment: one advantage per segment (paper §3.3's tree, spec §6.4).
+    "tree_segment": {"tree_advantage_estimator": "tree_segment"},
+    "node_value": {"tree_advantage_estimator": "node_value"},
 }
 ARM_LABELS = {
     "treepo": "TreePO",
@@ -33,6 +36,8 @@ ARM_LABELS = {
     "low_prob_divergence": "TreePO, low-prob divergence (§4.4)",
     "high_prob_divergence": "TreePO, high-prob divergence (§4.4)",
     "treepo_per_tree": "TreePO, per-tree rollout",
+    "tree_segment": "TreePO, released per-segment advantages",
+    "node_value": "TreePO, per-node values (global + local)",
 }
 
 
@@ -138,3 +143,79 @@ PRESETS["habit"] = PRESETS["unfinished"].with_overrides(
     task_config=dict(min_terms=3, max_terms=3),
     warmup=dict(examples=41_600, steps=2600),
 )
+
+
+# ----------------------------------------------------------------------------------------------- the suite
+
+
+def _beyond_sums(name: str, description: str, task: str, task_config: dict, max_depth: int) -> Setting:
+    """A setting of the `beyond` suite: `habit`'s RL run (16 prompts × 8, lr 1e-4, KL penalty 0.1, segments of 8
+    tokens), tiny model and warm-up size (`chains`'), with another reasoning-gym task and no unfinished habit
+    (that habit is a sums-only construction)."""
+    # The task configuration replaces habit's whole (a dict section would merge key by key).
+    return replace(PRESETS["habit"], task_config=task_config).with_overrides(
+        name=name,
+        description=description,
+        task=task,
+        warmup=dict(examples=20_800, steps=1300, batch_size=16, learning_rate=3e-3, unfinished_share=0.0),
+        held_out=dict(size=200, seed=10_000, samples=4, max_new_tokens=8 * max_depth),
+        rl=dict(max_depth=max_depth),
+    )
+
+
+# Settings TreePO was not developed on (issue 30), from three reasoning-gym families, each with worked answers of
+# several intermediate steps (`testing.tasks.WORKED_STEPS`). Fixed on 2026-12-07, before any arm ran on them; the
+# depths fit the longest worked answer (measured on 500 problems, 512-token vocabulary: legs 105 tokens, letters 97,
+# equations 57). Chosen for: a lookup, products and a sum (legs); a per-word scan and a sum over words (letters); two
+# algebra moves on signed numbers (equations).
+SUITE_SETTINGS = {
+    "legs": _beyond_sums(
+        "legs", "legs of two or three kinds of animal, up to three of each: each kind's product, then the sum",
+        "leg_counting", dict(min_animals=2, max_animals=3, max_instances=3), max_depth=14,
+    ),
+    "letters": _beyond_sums(
+        "letters", "how often a letter occurs in three or four words: each word's count, then the sum",
+        "letter_counting", dict(min_words=3, max_words=4), max_depth=14,
+    ),
+    "equations": _beyond_sums(
+        "equations", "linear equations a*x + b = c with one-digit constants: move the constant, then divide",
+        "simple_equations", dict(min_terms=2, max_terms=3, min_value=1, max_value=9), max_depth=8,
+    ),
+}  # fmt: skip
+PRESETS.update(SUITE_SETTINGS)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Settings studied together under one budget, each arm against GRPO over the same paired seeds.
+
+    Attributes:
+        settings: preset names.
+        arms: the arms of every setting, GRPO among them (it sets the budget).
+        seeds: the paired seeds of every setting.
+        budget: `"steps"`, `"decoded_tokens"` or `"wall_time"`: every arm runs until it has spent what GRPO spent
+            in the setting's `max_steps` on the same seed (`learning.budgets`).
+        eval_points: held-out measurements after the start, evenly spaced on the budget axis.
+        fixed: the date the suite was fixed, before any of its results.
+    """
+
+    settings: tuple
+    arms: tuple
+    seeds: tuple
+    budget: str
+    eval_points: int
+    fixed: str
+
+
+SUITES = {
+    # Issue 30's suite: TreePO and GRPO first (the verdict), then the finer credit assignments: the released code's
+    # per-segment estimator, the per-node values (TreeRL's global + local terms) and Eq. 6's group-size weighting.
+    "beyond": Suite(
+        settings=("legs", "letters", "equations"),
+        arms=("grpo", "treepo", "tree_segment", "node_value", "tree_advantage_group_size"),
+        seeds=(0, 1, 2, 3, 4),
+        budget="decoded_tokens",
+        eval_points=4,
+        fixed="2026-12-07",
+    ),
+}

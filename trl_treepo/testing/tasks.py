@@ -112,6 +112,82 @@ def make_math_dataset(
 # ---------------------------------------------------------------------------------- any reasoning-gym task
 
 
+def _sum_of(values: list[int]) -> str:
+    """Partial results summed one addition at a time, as `reduction_steps` does: [3, 0, 2] gives "3 + 0 + 2 = 3 + 2 =
+    5." (a single value is said as itself)."""
+    if len(values) == 1:
+        return f"{values[0]}."
+    return reduction_steps(" + ".join(str(value) for value in values))
+
+
+def leg_counting_steps(entry: dict) -> str | None:
+    """Each animal's legs, then their sum: "2 woodlouse: 2 * 14 = 28.\n1 leech: 1 * 0 = 0.\n28 + 0 = 28." """
+    from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+    animals = entry.get("metadata", {}).get("animals") or {}
+    if not animals or any(animal not in ANIMALS for animal in animals):
+        return None
+    lines = [f"{count} {animal}: {count} * {ANIMALS[animal]} = {count * ANIMALS[animal]}." for animal, count in
+             animals.items()]  # fmt: skip
+    totals = [count * ANIMALS[animal] for animal, count in animals.items()]
+    if sum(totals) != int(entry["answer"]):
+        return None
+    return "\n".join([*lines, _sum_of(totals)])
+
+
+def letter_counting_steps(entry: dict) -> str | None:
+    """The letter's count in each word, then their sum: 'hundred: 0.\nthousand: 0.\nnames: 1.\n0 + 0 + 1 = 0 + 1 = 1.'
+    (case-insensitive, as reasoning-gym counts)."""
+    metadata = entry.get("metadata", {})
+    span, letter = metadata.get("span"), metadata.get("target_letter")
+    if not span or not letter:
+        return None
+    counts = [word.lower().count(letter) for word in span]
+    if sum(counts) != int(entry["answer"]):
+        return None
+    return "\n".join([*(f"{word}: {count}." for word, count in zip(span, counts)), _sum_of(counts)])
+
+
+def simple_equation_steps(entry: dict) -> str | None:
+    """A linear equation a*x + b = c solved in two steps: "5 - 8*e = -51" gives "-8*e = -51 - 5 = -56.\ne = -56 / -8
+    = 7." (None for an equation that is not linear in one variable with an integer solution)."""
+    import sympy
+
+    metadata = entry.get("metadata", {})
+    equation, name = metadata.get("equation", ""), metadata.get("variable")
+    if equation.count("=") != 1 or not name:
+        return None
+    variable = sympy.Symbol(name)
+    try:
+        left, right = (sympy.sympify(side) for side in equation.split("="))
+        polynomial = sympy.Poly(left - right, variable)
+    except (sympy.SympifyError, sympy.PolynomialError, TypeError):
+        return None
+    if polynomial.degree() != 1 or not right.is_Integer:
+        return None
+    slope, constant = (int(c) for c in sympy.Poly(left, variable).all_coeffs())
+    target = int(right)
+    moved = target - constant
+    if slope == 0 or moved % slope != 0 or str(moved // slope) != str(entry["answer"]):
+        return None
+    term = name if slope == 1 else (f"-{name}" if slope == -1 else f"{slope}*{name}")
+    lines = []
+    if constant:
+        operation = f"{target} - {constant}" if constant > 0 else f"{target} + {-constant}"
+        lines.append(f"{term} = {operation} = {moved}.")
+    if slope != 1:
+        lines.append(f"{name} = {moved} / {slope} = {moved // slope}.")
+    return "\n".join(lines) or None
+
+
+# Worked answers of the tasks the learning suite uses beyond sums (`trl_treepo.learning.settings.SUITES`).
+WORKED_STEPS = {
+    "leg_counting": leg_counting_steps,
+    "letter_counting": letter_counting_steps,
+    "simple_equations": simple_equation_steps,
+}
+
+
 def _answer_of(completion) -> str | None:
     """The last `\\boxed{}` answer of a completion (text, or a conversation whose last message is the answer)."""
     from ..tree import find_boxed_answers
@@ -218,6 +294,8 @@ class ReasoningTask:
         reasoning = None
         if self.name in ("basic_arithmetic", "chain_sum") and "expression" in metadata:
             reasoning = reduction_steps(metadata["expression"])
+        elif self.name in WORKED_STEPS:
+            reasoning = WORKED_STEPS[self.name](entry)
         reasoning = reasoning or (metadata.get("answer_cot") or "").split("\n####")[0].strip()
         final = f"The final answer is \\boxed{{{entry['answer']}}}."
         return f"{reasoning}\n{final}" if reasoning else final
