@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trl_treepo import compute_tree_advantages
-from trl_treepo.advantages import compute_segment_advantages, whiten
+from trl_treepo.advantages import compute_node_value_advantages, compute_segment_advantages, whiten
 
 # Spec §6.3: a binary tree of 8 leaves under prompt "q". Branch A = {A1: +1 +1, A2: -1 -1}, B = {B1: -1 +1, B2: -1 -1}.
 PATHS = [
@@ -143,6 +143,42 @@ def test_segment_advantages_cut_at_each_leafs_length_and_skip_unscored_leaves():
     assert advantages[1, 3].item() == 0.0 and (advantages[3, 1:] == 0).all()
     assert torch.isnan(advantages[2, 2:]).all()  # its own segment: NaN, which whitening turns into 0
     assert not torch.isnan(advantages[[0, 1, 3]]).any()  # node 4 averages its one scored child
+
+
+def test_node_value_advantages_add_the_global_and_local_terms_of_each_segment():
+    """Per-node values on the spec §6.3 tree: V(n) is the mean reward of the leaves below n, and segment i gets
+    (V(n_i) − V(prompt)) + (V(n_i) − V(n_{i−1}))."""
+    value = {"q": -0.25, "A": 0.0, "B": -0.5, "A1": 1.0, "A2": -1.0, "B1": 0.0, "B2": -1.0}
+
+    def expected(nodes: list[str], reward: float) -> list[float]:
+        chain = ["q", *nodes]
+        values = [value[node] for node in chain] + [reward]
+        return [(values[i] - value["q"]) + (values[i] - values[i - 1]) for i in range(1, len(values))]
+
+    advantages = compute_node_value_advantages(REWARDS, PATHS, [6] * 8, segment_length=2)
+    assert advantages.shape == (8, 6)
+    for row, nodes in enumerate([["A", "A1"]] * 2 + [["A", "A2"]] * 2 + [["B", "B1"]] * 2 + [["B", "B2"]] * 2):
+        per_segment = expected(nodes, REWARDS[row].item())
+        assert advantages[row].tolist() == pytest.approx([v for v in per_segment for _ in range(2)])
+    assert advantages[0].tolist()[::2] == pytest.approx([0.5, 2.25, 1.25])  # by hand
+    assert advantages[5].tolist()[::2] == pytest.approx([-0.5, 0.75, 2.25])  # the correct B1 leaf
+    # A lone chain below a node: its segments' local terms are 0, the global terms remain.
+    chain = compute_node_value_advantages(torch.tensor([1.0, 0.0]), [("p", 1, 2), ("p", 3, 4)], [4, 4], 2)
+    assert chain[0].tolist() == pytest.approx([1.0, 1.0, 0.5, 0.5])  # V(1) = 1, V(p) = 0.5: 0.5 + 0.5, then 0.5 + 0
+
+
+def test_node_value_advantages_cut_at_each_leafs_length_and_leave_unscored_leaves_out():
+    paths = [("p", 1, 2), ("p", 1, 3), ("p", 4, 5), ("p", 4, 6)]
+    rewards = torch.tensor([1.0, 0.0, float("nan"), 0.0])
+    advantages = compute_node_value_advantages(rewards, paths, [4, 3, 4, 1], segment_length=2)
+    assert advantages[1, 3].item() == 0.0 and (advantages[3, 1:] == 0).all()
+    assert torch.isnan(advantages[2, 2:]).all()  # its own segment: NaN, which whitening turns into 0
+    # node 4 holds one scored leaf (reward 0); the prompt's value is the mean of the three scored leaves, 1/3
+    assert advantages[3, 0].item() == pytest.approx((0 - 1 / 3) + (0 - 1 / 3))
+    segmented = compute_node_value_advantages(rewards, paths, [4, 3, 4, 1], 2, segment_ends=[[1, 4], None, None, None])
+    assert segmented[0].tolist() == pytest.approx([2 * 0.5 - 2 / 3] + [2 * 1.0 - 1 / 3 - 0.5] * 3)
+    with pytest.raises(ValueError, match="lengths"):
+        compute_node_value_advantages(rewards, paths, [4, 3], segment_length=2)
 
 
 def test_bad_inputs_raise_clear_errors():

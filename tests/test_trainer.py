@@ -111,6 +111,7 @@ def test_every_trl_loss_type_trains(tiny_model, tmp_path, loss_type):
     [
         dict(tree_advantage_estimator="grpo"),
         dict(tree_advantage_estimator="tree_segment"),
+        dict(tree_advantage_estimator="node_value", tree_packed_training=True),
         dict(tree_advantage_weighting="group_size", tree_reject_zero_std_subgroups=True),
         dict(tree_advantage_normalization="none"),
         dict(tree_sampling=False),
@@ -184,6 +185,7 @@ BAD_VALUES = [
     (dict(tree_repetition_window=-1), "tree_repetition_window"),
     (dict(tree_segment_advantage_discount=0.0), "tree_segment_advantage_discount"),
     (dict(tree_advantage_estimator="tree_segment", tree_reject_zero_std_subgroups=True), "tree_reject_zero_std"),
+    (dict(tree_advantage_estimator="node_value", tree_advantage_weighting="group_size"), "own weighting"),
     (dict(scale_rewards="batch"), "scale_rewards='batch' is GRPO's normalisation"),
     (dict(scale_rewards=False), "tree_advantage_normalization"),
     (dict(generation_kwargs={"frequency_penalty": 0.5}), "frequency_penalty"),

@@ -152,8 +152,6 @@ def compute_segment_advantages(
 
     NaN leaves are left out of node means and get NaN advantages. Whiten the result with `whiten` and a token mask.
     """
-    if len(lengths) != len(paths):
-        raise ValueError(f"Got {len(lengths)} lengths for {len(paths)} paths; pass one length per leaf.")
     if discount <= 0:
         raise ValueError(f"discount must be positive (1 = no discount), got {discount}.")
     leaf_values = released_leaf_values(rewards, paths).tolist()
@@ -173,9 +171,60 @@ def compute_segment_advantages(
             node_value[node] = sum(scored) / len(scored) if scored else float("nan")
         return node_value[node]
 
+    def segment_advantage(path: tuple, segment: int) -> float:
+        parent_weight = discount ** (len(path) - segment)  # η^(J + 1 − i), J = len(path) − 1 segments
+        return value_of(tuple(path[: segment + 1])) - parent_weight * value_of(tuple(path[:segment]))
+
+    return _per_segment(rewards, paths, lengths, segment_length, segment_ends, segment_advantage)
+
+
+def compute_node_value_advantages(
+    rewards: torch.Tensor,
+    paths: Sequence[Path],
+    lengths: Sequence[int],
+    segment_length: int,
+    *,
+    segment_ends: Sequence[Sequence[int] | None] | None = None,
+) -> torch.Tensor:
+    """Per-token advantages [B, max(lengths)] from per-node values: TreeRL's global + local process signal.
+
+    Not in the TreePO paper; the per-node value credit of the tree-search RL work beside it (TreeRL, Hou et al. 2025;
+    SPO's tree variant uses the local term alone). A node's value is the mean scored reward of the leaves below it,
+    ``V(n) = mean_{k ∈ L(n)} R_k`` (the leaf's own value is its reward, the prompt's the mean over its tree). Segment
+    i of a leaf whose path is n_0 (the prompt), n_1, …, n_J gets
+
+        A_i = (V(n_i) − V(n_0)) + (V(n_i) − V(n_{i−1}))
+
+    the global term: how much better than the prompt's average the leaves below n_i do; the local term: what the
+    segment itself changed against its parent. A segment with no siblings has a local term of 0, so credit
+    concentrates where the tree branched. Segments are laid out as in `compute_segment_advantages`; NaN rewards join
+    no value and a node with no scored leaf gives NaN. Whiten the result with `whiten` and a token mask.
+    """
+    _check_inputs(rewards, paths, "average")
+    # Every prefix of a path is a node, the whole path the leaf's own (the `None` makes it a group of its own).
+    _, _, means = _group_means(rewards, [(*path, None) for path in paths])
+
+    def value_of(node: tuple) -> float:
+        return means.get(node, float("nan"))
+
+    def segment_advantage(path: tuple, segment: int) -> float:
+        node, parent, prompt = path[: segment + 1], path[:segment], path[:1]
+        return 2 * value_of(node) - value_of(prompt) - value_of(parent)
+
+    return _per_segment(rewards, paths, lengths, segment_length, segment_ends, segment_advantage)
+
+
+def _per_segment(rewards, paths, lengths, segment_length, segment_ends, segment_advantage) -> torch.Tensor:
+    """[B, max(lengths)]: `segment_advantage(path, i)` broadcast over the tokens of segment i (1-based) of each row.
+
+    Segment i spans ``[(i-1)·l, i·l)``, or ``[ends[i-2], ends[i-1])`` where `segment_ends` gives the row's end
+    offsets (segments cut short by a tool call); tokens past a row's length are 0."""
+    if len(lengths) != len(paths):
+        raise ValueError(f"Got {len(lengths)} lengths for {len(paths)} paths; pass one length per leaf.")
     width = max(lengths, default=0)
     advantages = torch.zeros(len(paths), width, dtype=torch.float64)
     for row, (path, length) in enumerate(zip(paths, lengths)):
+        path = tuple(path)
         num_segments = len(path) - 1
         ends = segment_ends[row] if segment_ends is not None else None
         if ends is None:
@@ -184,9 +233,7 @@ def compute_segment_advantages(
             start = ends[segment - 2] if segment > 1 else 0
             if start >= length:
                 break
-            parent_weight = discount ** (num_segments + 1 - segment)
-            advantage = value_of(tuple(path[: segment + 1])) - parent_weight * value_of(tuple(path[:segment]))
-            advantages[row, start : min(ends[segment - 1], length)] = advantage
+            advantages[row, start : min(ends[segment - 1], length)] = segment_advantage(path, segment)
     return advantages.to(dtype=rewards.dtype, device=rewards.device)
 
 

@@ -17,7 +17,7 @@ from .sampling import (
     TreeSamplingParams,
 )
 
-ADVANTAGE_ESTIMATORS = ("tree", "tree_segment", "grpo")
+ADVANTAGE_ESTIMATORS = ("tree", "tree_segment", "node_value", "grpo")
 ADVANTAGE_NORMALIZATIONS = ("batch_whiten", "none")
 ROLLOUT_SCHEDULES = ("level", "per_tree")
 
@@ -142,11 +142,15 @@ class TreePOConfig(GRPOConfig):
             `"tree"`: the paper's global + local subgroup advantage (Eq. 5–7), one value per leaf. `"grpo"`: TRL's
             own group advantage (the paper's "GRPO w/ tree sampling" ablation). `"tree_segment"`: the released
             code's segment-level estimator (`tree_rfpp_progress`, not the paper's method): one value per segment,
-            node value minus discounted parent value, passed to the loss as a [B, T] tensor.
+            node value minus discounted parent value, passed to the loss as a [B, T] tensor. `"node_value"`: not in
+            the paper; per-node values as in TreeRL (Hou et al. 2025), one value per segment, [B, T]: segment i gets
+            `(V(n_i) − V(prompt)) + (V(n_i) − V(n_{i−1}))`, V(n) the mean reward of the leaves below node n
+            (`advantages.compute_node_value_advantages`).
         tree_advantage_weighting (`str`, *optional*, defaults to `"average"`):
             How the `"tree"` estimator combines subgroup terms: `"average"` (Eq. 5, the paper's choice) or
-            `"group_size"` (Eq. 6, the released code's default). `"tree_segment"` always weights by group size, as
-            the released code does.
+            `"group_size"` (Eq. 6, the released code's default). The segment estimators have weightings of their
+            own (`"tree_segment"` always weights by group size, as the released code does) and refuse
+            `"group_size"`.
         tree_reject_zero_std_subgroups (`bool`, *optional*, defaults to `False`):
             `"tree"` estimator: leave out subtrees whose rewards are all equal (Eq. 7, "subgroup rejection"; the
             paper finds it hurts).
@@ -325,7 +329,8 @@ class TreePOConfig(GRPOConfig):
         metadata={
             "help": "'tree': the paper's subgroup advantage (Eq. 5-7); 'grpo': TRL's group advantage (the paper's "
             "'GRPO w/ tree sampling' ablation); 'tree_segment': the released code's per-segment node-minus-parent "
-            "values ([B, T]).",
+            "values ([B, T]); 'node_value': per-segment (V(n_i) - V(prompt)) + (V(n_i) - V(parent)), V the mean "
+            "reward of the leaves below a node (TreeRL's process signal; not in the paper) ([B, T]).",
             "choices": list(ADVANTAGE_ESTIMATORS),
         },
     )
@@ -450,10 +455,13 @@ class TreePOConfig(GRPOConfig):
                 f"tree_segment_advantage_discount must be positive (1 = no discount), got "
                 f"{self.tree_segment_advantage_discount}."
             )
-        if self.tree_advantage_estimator == "tree_segment" and self.tree_reject_zero_std_subgroups:
+        if self.tree_advantage_estimator in ("tree_segment", "node_value") and (
+            self.tree_reject_zero_std_subgroups or self.tree_advantage_weighting != "average"
+        ):
             raise ValueError(
-                "tree_reject_zero_std_subgroups applies to the 'tree' estimator; the released 'tree_segment' "
-                "estimator keeps every subgroup. Unset one of them."
+                "tree_reject_zero_std_subgroups and tree_advantage_weighting apply to the 'tree' estimator; the "
+                f"{self.tree_advantage_estimator!r} estimator has its own weighting and keeps every subgroup. Leave "
+                "them at their defaults, or use tree_advantage_estimator='tree'."
             )
         if self.tree_server_request_timeout <= 0 or self.tree_server_max_retries < 0:
             raise ValueError(

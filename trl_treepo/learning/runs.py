@@ -39,17 +39,19 @@ def _excluded(held_out: list) -> frozenset:
 
 def warm_model(setting: Setting, seed: int, cache_dir, task=None, held_out=None) -> str:
     """The seed's tiny model after the SFT warm-up on worked answers of problems outside the held-out set (built
-    offline once, then reused from `cache_dir`)."""
+    offline once, then reused from `cache_dir`). A setting whose warm-up names a `seed` shares that seed's warm model
+    among all its RL seeds."""
     from ..testing import make_tiny_model, make_warm_model
 
     task = task or task_of(setting)
     held_out = held_out if held_out is not None else held_out_problems(setting, task)
-    key = json.dumps([setting.task, setting.task_config, setting.model, setting.warmup, setting.held_out, seed],
+    warmup = dict(setting.warmup)
+    seed = warmup.pop("seed", seed)
+    key = json.dumps([setting.task, setting.task_config, setting.model, warmup, setting.held_out, seed],
                      sort_keys=True)  # fmt: skip
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir)
     base = make_tiny_model(cache_dir / f"base-{seed}-{digest}", seed=seed, **setting.model)
-    warmup = dict(setting.warmup)
     unfinished_share = warmup.pop("unfinished_share", 0.0)
     problems = task.problems(warmup["examples"], seed + 123, exclude=_excluded(held_out))
     sft_dataset = task.dataset(problems, with_solution=True, unfinished_share=unfinished_share, seed=seed)
@@ -80,13 +82,27 @@ def vllm_in_policy_precision(dtype: str = "float32"):
         vllm_generation.LLM = original
 
 
+# Under a budget other than steps, an arm may need more steps than GRPO took to spend what GRPO spent: it may run up
+# to this many times the setting's `max_steps`.
+BUDGET_STEP_CEILING = 3
+
+
+def max_steps_of(setting: Setting, budget: float | None = None) -> int:
+    """The steps a run may take: the setting's `max_steps`, or under a spending budget its ceiling."""
+    return setting.rl["max_steps"] * (BUDGET_STEP_CEILING if budget is not None else 1)
+
+
 def rl_dataset(setting: Setting, seed: int, task, held_out: list):
-    """The run's prompts: `max_steps × prompts_per_step` problems, none of them held out."""
+    """The run's prompts, none of them held out: `max_steps × prompts_per_step` problems, or under a budget other
+    than steps as many as its step ceiling needs. Every arm of a study draws the same set (same size, same seed),
+    so the arms of a seed see the same prompts in the same order for as long as they run."""
     size = setting.rl["max_steps"] * setting.rl["prompts_per_step"]
+    if setting.budget != "steps":
+        size *= BUDGET_STEP_CEILING
     return task.dataset(task.problems(size, seed + 1, exclude=_excluded(held_out)))
 
 
-def rl_config(setting: Setting, arm: str, output_dir, seed: int, backend: str = "vllm"):
+def rl_config(setting: Setting, arm: str, output_dir, seed: int, backend: str = "vllm", max_steps: int | None = None):
     """The run's `TreePOConfig`: the setting's RL knobs and configuration, then the arm's overrides."""
     from .. import TreePOConfig
 
@@ -100,7 +116,7 @@ def rl_config(setting: Setting, arm: str, output_dir, seed: int, backend: str = 
         num_generations=rl["num_generations"],
         tree_segment_length=rl["segment_length"],
         tree_max_depth=rl["max_depth"],
-        max_steps=rl["max_steps"],
+        max_steps=max_steps or rl["max_steps"],
         learning_rate=rl["learning_rate"],
         lr_scheduler_type="constant",
         logging_steps=1,
@@ -126,9 +142,20 @@ def decoded_tokens(log: dict, setting: Setting) -> float:
     return log["tree/decoded_tokens"] if "tree/decoded_tokens" in log else leaf_tokens(log, setting)
 
 
-def held_out_curve(trainer, setting: Setting, task, held_out: list, every: int):
+def spent(point_or_log_history, setting: Setting, wall_s: float) -> float:
+    """What a run has spent of its budget so far: decoded tokens (summed over its step logs) or wall seconds."""
+    if setting.budget == "wall_time":
+        return wall_s
+    return sum(decoded_tokens(log, setting) for log in point_or_log_history if "reward" in log)
+
+
+def held_out_curve(trainer, setting: Setting, task, held_out: list, every: int, budget: float | None = None,
+                   eval_points: int = 4):  # fmt: skip
     """A callback measuring held-out accuracy at the start and every `every` steps (and after the last), against the
-    decoded tokens and the training wall time so far, evaluation excluded."""
+    decoded tokens and the training wall time so far, evaluation excluded.
+
+    With a `budget` (of the setting's kind: decoded tokens or wall seconds), it measures instead at the first step
+    that spends past each of `eval_points` even shares of it, and stops training once the whole budget is spent."""
     from transformers import TrainerCallback
 
     def measure():
@@ -159,14 +186,26 @@ def held_out_curve(trainer, setting: Setting, task, held_out: list, every: int):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             # Not on_step_end: the step's log, with its decoded tokens, joins log_history only after that.
-            if "reward" in (logs or {}) and (state.global_step % every == 0 or state.global_step == state.max_steps):
+            if "reward" not in (logs or {}):
+                return
+            if budget is None:
+                if state.global_step % every == 0 or state.global_step == state.max_steps:
+                    self.record(state)
+                return
+            so_far = spent(state.log_history, setting, time.perf_counter() - self.started - self.evaluating)
+            next_share = len(self.points) / eval_points  # the start was the first point
+            if so_far >= budget * next_share - 1e-9 or so_far >= budget:
                 self.record(state)
+            if so_far >= budget:
+                control.should_training_stop = True
 
     return HeldOutCurve()
 
 
-def run_arm(setting: Setting, arm: str, seed: int, output_dir, cache_dir, every: int, backend: str = "vllm") -> dict:
-    """One RL run of `arm` from the seed's warm model, with its held-out curve and per-step logs."""
+def run_arm(setting: Setting, arm: str, seed: int, output_dir, cache_dir, every: int, backend: str = "vllm",
+            budget: float | None = None, eval_points: int = 4) -> dict:  # fmt: skip
+    """One RL run of `arm` from the seed's warm model, with its held-out curve and per-step logs: `max_steps` steps,
+    or with a `budget` (`setting.budget`'s kind) until it has spent it (`held_out_curve`)."""
     from .. import TreePOTrainer
 
     task = task_of(setting)
@@ -175,19 +214,23 @@ def run_arm(setting: Setting, arm: str, seed: int, output_dir, cache_dir, every:
         trainer = TreePOTrainer(
             model=warm_model(setting, seed, cache_dir, task, held_out),
             reward_funcs=task.reward(),
-            args=rl_config(setting, arm, output_dir, seed, backend),
+            args=rl_config(setting, arm, output_dir, seed, backend, max_steps_of(setting, budget)),
             train_dataset=rl_dataset(setting, seed, task, held_out),
         )
-    curve = held_out_curve(trainer, setting, task, held_out, every)
+    curve = held_out_curve(trainer, setting, task, held_out, every, budget, eval_points)
     trainer.add_callback(curve)
     profile = StepProfile()  # where each step's time goes, by phase (`benchmark.training.PHASES`)
     trainer.add_callback(profile.callback())
     profile.install(trainer)
     trainer.train()
     logs = [log for log in trainer.state.log_history if "reward" in log]
+    spent_at_end = spent(logs, setting, curve.points[-1]["wall_s"])
     return {
         "arm": arm,
         "seed": seed,
+        # What the run was to spend (None: the setting's max_steps), and whether it did before its step ceiling.
+        "budget": {"kind": setting.budget, "value": budget, "spent": spent_at_end,
+                   "reached": budget is None or spent_at_end >= budget},  # fmt: skip
         "curve": curve.points,
         "rewards": [log["reward"] for log in logs],
         "decoded_tokens": [decoded_tokens(log, setting) for log in logs],

@@ -41,6 +41,9 @@ ARM_LABELS = {
 }
 
 
+BUDGETS = ("steps", "decoded_tokens", "wall_time")
+
+
 @dataclass(frozen=True)
 class Setting:
     """Everything one study run needs besides the arm and the seed.
@@ -50,12 +53,16 @@ class Setting:
         conversational: prompts as chat conversations (with a system message), or as plain text (shorter: for tiny
             models that learn the answer format from the warm-up).
         model: `testing.make_tiny_model` arguments (vocabulary, hidden size, layers, heads).
-        warmup: the SFT warm-up (`testing.make_warm_model`): examples, steps, batch size, learning rate, and the share
-            of its answers that stop one step early (`unfinished_share`, sums only: `ReasoningTask.unfinished_answer`).
+        warmup: the SFT warm-up (`testing.make_warm_model`): examples, steps, batch size, learning rate, the share
+            of its answers that stop one step early (`unfinished_share`, sums only: `ReasoningTask.unfinished_answer`),
+            and optionally the `seed` of one warm model that every RL seed shares (otherwise each seed has its own).
         held_out: size (distinct problems, none of them a training prompt), seed, samples per problem, new tokens.
         rl: prompts per step, completions per prompt, learning rate, steps, segment length and depth.
         config: further `TreePOConfig` fields for every arm.
         arms: the arms this setting compares (name → `TreePOConfig` overrides).
+        budget: what every arm spends (`BUDGETS`): `"steps"` (`rl.max_steps` each), or `"decoded_tokens"` /
+            `"wall_time"` (training time, evaluation excluded): GRPO runs `rl.max_steps` first on each seed, and
+            every other arm runs until it has spent what GRPO spent on that seed (or a budget given to the study).
     """
 
     name: str
@@ -69,6 +76,7 @@ class Setting:
     config: dict = field(default_factory=dict)
     arms: dict = field(default_factory=lambda: dict(ARMS))
     conversational: bool = True
+    budget: str = "steps"
 
     @property
     def max_completion_length(self) -> int:
@@ -151,13 +159,17 @@ PRESETS["habit"] = PRESETS["unfinished"].with_overrides(
 def _beyond_sums(name: str, description: str, task: str, task_config: dict, max_depth: int) -> Setting:
     """A setting of the `beyond` suite: `habit`'s RL run (16 prompts × 8, lr 1e-4, KL penalty 0.1, segments of 8
     tokens), tiny model and warm-up size (`chains`'), with another reasoning-gym task and no unfinished habit
-    (that habit is a sums-only construction)."""
+    (that habit is a sums-only construction).
+
+    One warm model (seed 0's) for every RL seed: a warm-up of these tasks took 7-9 minutes on the 2-core machine,
+    and fifteen would not fit a session (changed before any arm ran). So a suite seed varies the RL run (its
+    prompts, their order, every sample), not the warm model."""
     # The task configuration replaces habit's whole (a dict section would merge key by key).
     return replace(PRESETS["habit"], task_config=task_config).with_overrides(
         name=name,
         description=description,
         task=task,
-        warmup=dict(examples=20_800, steps=1300, batch_size=16, learning_rate=3e-3, unfinished_share=0.0),
+        warmup=dict(examples=20_800, steps=1300, batch_size=16, learning_rate=3e-3, unfinished_share=0.0, seed=0),
         held_out=dict(size=200, seed=10_000, samples=4, max_new_tokens=8 * max_depth),
         rl=dict(max_depth=max_depth),
     )

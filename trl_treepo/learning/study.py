@@ -40,13 +40,24 @@ def cost_to_reach(curve: list[dict], key: str, target: float, cost: str = "decod
     return None
 
 
-def value_at(curve: list[dict], key: str, tokens: float) -> float | None:
-    """`curve[key]` after `tokens` decoded tokens, interpolated between measurements (None past the curve)."""
+def value_at(curve: list[dict], key: str, spent: float, cost: str = "decoded_tokens") -> float | None:
+    """`curve[key]` once `spent` of `cost` (`decoded_tokens` or `wall_s`) is spent, interpolated between measurements
+    (None past the curve)."""
     for before, after in zip(curve, curve[1:]):
-        if before["decoded_tokens"] <= tokens <= after["decoded_tokens"]:
-            share = (tokens - before["decoded_tokens"]) / max(after["decoded_tokens"] - before["decoded_tokens"], 1e-9)
+        if before[cost] <= spent <= after[cost]:
+            share = (spent - before[cost]) / max(after[cost] - before[cost], 1e-9)
             return before[key] + share * (after[key] - before[key])
     return None
+
+
+def difference_at_equal_cost(curve: list[dict], base: list[dict], cost: str, key: str = "sampled") -> float | None:
+    """`curve[key] − base[key]` where both have spent as much `cost` as the one that spent less: time-to-accuracy's
+    reading at an equal budget, on each run's own curve."""
+    spent = min(curve[-1][cost], base[-1][cost])
+    mine, theirs = value_at(curve, key, spent, cost), value_at(base, key, spent, cost)
+    if spent == 0 or mine is None or theirs is None:
+        return None
+    return mine - theirs
 
 
 def mean_curve(runs: list[dict]) -> list[dict]:
@@ -61,18 +72,27 @@ def _versus_grpo(row: dict, arm_runs: list[dict], grpo: dict[int, dict]) -> None
     paired = [(run, grpo[run["seed"]]) for run in arm_runs if run["seed"] in grpo]
     if not paired:
         return
-    differences, token_shares, wall_shares = [], [], []
+    differences, wall_differences, token_shares, wall_shares = [], [], [], []
     for run, base in paired:
-        final, base_final = run["curve"][-1], base["curve"][-1]
-        then = value_at(base["curve"], "sampled", final["decoded_tokens"])
-        if then is not None:
-            differences.append(final["sampled"] - then)
+        base_final = base["curve"][-1]
+        for cost, found in (("decoded_tokens", differences), ("wall_s", wall_differences)):
+            difference = difference_at_equal_cost(run["curve"], base["curve"], cost)
+            if difference is not None:
+                found.append(difference)
         tokens = cost_to_reach(run["curve"], "sampled", base_final["sampled"])
         if tokens is not None:
             token_shares.append(tokens / base_final["decoded_tokens"])
             wall_shares.append(cost_to_reach(run["curve"], "sampled", base_final["sampled"], "wall_s") / base_final["wall_s"])
     row["sampled_vs_grpo_at_equal_tokens"], row["sampled_vs_grpo_at_equal_tokens_se"] = (
         mean_and_se(differences) if differences else (None, None)
+    )
+    row["sampled_vs_grpo_at_equal_wall"], row["sampled_vs_grpo_at_equal_wall_se"] = (
+        mean_and_se(wall_differences) if wall_differences else (None, None)
+    )
+    mine_greedy = [difference_at_equal_cost(run["curve"], base["curve"], "decoded_tokens", "greedy") for run, base in paired]
+    mine_greedy = [value for value in mine_greedy if value is not None]
+    row["greedy_vs_grpo_at_equal_tokens"], row["greedy_vs_grpo_at_equal_tokens_se"] = (
+        mean_and_se(mine_greedy) if mine_greedy else (None, None)
     )
     row["paired_seeds"], row["seeds_reaching_grpo_final"] = len(paired), len(token_shares)
     row["token_share_per_seed"], row["wall_share_per_seed"] = token_shares, wall_shares
@@ -214,3 +234,36 @@ def plot_curves(runs: list[dict], x_key: str, x_label: str, path, arms) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def suite_table(name: str, suite, summaries: dict) -> str:
+    """One row per setting and arm: the arm against GRPO on the same seeds under the suite's budget, at equal
+    decoded tokens and at equal wall time (each on every seed's own curves, mean ± SE over seeds), the cost to reach
+    GRPO's final sampled accuracy on the mean curves, and, for TreePO, the study's verdict."""
+    lines = [
+        f"Suite `{name}` (fixed {suite.fixed}): settings {', '.join(suite.settings)}; budget: GRPO's "
+        f"{suite.budget.replace('_', ' ')} on each seed.",
+        "",
+        "| setting | arm | paired seeds | GRPO sampled gain ± SE | arm sampled gain ± SE | sampled − GRPO's at equal "
+        "decoded tokens | at equal wall time | greedy − GRPO's at equal decoded tokens | to reach GRPO's final "
+        "(mean curves): tokens ÷ GRPO's, wall ÷ GRPO's | seeds reaching it | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, summary in summaries.items():
+        grpo = summary.get("grpo")
+        for arm, row in summary.items():
+            if arm == "grpo" or "paired_seeds" not in row:
+                continue
+            cells = [_gain(row[key], row[f"{key}_se"]) if row.get(key) is not None else "—" for key in
+                     ("sampled_vs_grpo_at_equal_tokens", "sampled_vs_grpo_at_equal_wall",
+                      "greedy_vs_grpo_at_equal_tokens")]  # fmt: skip
+            headline = verdict(summary, arm)
+            said = ("met" if headline["met"] else "not met") if headline["grpo_learns"] else "void: GRPO did not learn"
+            lines.append(
+                f"| {setting} | {ARM_LABELS.get(arm, arm)} | {row['paired_seeds']} | "
+                f"{_gain(grpo['sampled_gain'], grpo['sampled_gain_se']) if grpo else '—'} | "
+                f"{_gain(row['sampled_gain'], row['sampled_gain_se'])} | {' | '.join(cells)} | "
+                f"{_share(row['mean_curve_token_share'])}, {_share(row['mean_curve_wall_share'])} | "
+                f"{row['seeds_reaching_grpo_final']}/{row['paired_seeds']} | {said} |"
+            )
+    return "\n".join(lines)

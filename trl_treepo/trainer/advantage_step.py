@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import gather_object
 from trl.trainer.utils import is_async_callable, nanstd
 
-from ..advantages import compute_segment_advantages, compute_tree_advantages, whiten
+from ..advantages import compute_node_value_advantages, compute_segment_advantages, compute_tree_advantages, whiten
 
 
 class RewardFunctionError(RuntimeError):
@@ -172,15 +172,21 @@ class AdvantageStep:
         self._replace_logged_advantages(advantages)
 
     def _segment_advantages(self, output, batch, rewards, paths, keep, process_slice) -> None:
-        """The released code's `tree_segment` estimator: one value per segment, handed to the loss as [B, T]."""
+        """A per-segment estimator (the released code's `tree_segment`, or `node_value`): one value per segment,
+        handed to the loss as [B, T]."""
         trainer, args = self.trainer, self.trainer.args
         lengths = trainer.accelerator.gather(output["completion_mask"].sum(dim=1)).cpu()
         segment_ends = [ends for process_ends in gather_object([[leaf.segment_ends for leaf in batch.row_leaves]])
                         for ends in process_ends]  # fmt: skip
-        advantages = compute_segment_advantages(
-            rewards, paths, lengths.tolist(), args.tree_segment_length,
-            discount=args.tree_segment_advantage_discount, segment_ends=segment_ends,
-        )  # fmt: skip
+        if args.tree_advantage_estimator == "node_value":
+            advantages = compute_node_value_advantages(
+                rewards, paths, lengths.tolist(), args.tree_segment_length, segment_ends=segment_ends
+            )
+        else:
+            advantages = compute_segment_advantages(
+                rewards, paths, lengths.tolist(), args.tree_segment_length,
+                discount=args.tree_segment_advantage_discount, segment_ends=segment_ends,
+            )  # fmt: skip
         # The tokens that train: completion tokens of kept rows, tool results excluded (they carry no policy gradient).
         policy_mask = (output["completion_mask"] * output.get("tool_mask", 1)).tolist()
         policy_rows = [row for process_rows in gather_object([policy_mask]) for row in process_rows]
