@@ -58,6 +58,60 @@ def test_the_study_runs_every_arm_on_a_task_no_preset_was_tuned_on(tmp_path):
     assert report["seeds"] == {"treepo": [0], "grpo": [0], "wide": [0]} and report["verdict"] is not None
 
 
+TINY = ["--warmup_steps", "4", "--warmup_examples", "32", "--held_out_size", "4", "--held_out_samples", "1",
+        "--prompts_per_step", "2", "--num_generations", "4", "--max_depth", "4", "--max_steps", "2"]  # fmt: skip
+
+
+def test_the_suite_runs_every_setting_to_grpos_decoded_tokens_and_writes_one_table(tmp_path):
+    command = study_command(tmp_path, "--suite", "beyond", "--seeds", "0", "--arms", "grpo,treepo,node_value",
+                            "--eval_points", "2", *TINY)  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    suite = json.loads((tmp_path / "study" / "suite.json").read_text())
+    assert list(suite["settings"]) == ["legs", "letters", "equations"] and suite["budget"] == "decoded_tokens"
+    for name in suite["settings"]:
+        runs = {run["arm"]: run for run in json.loads((tmp_path / "study" / name / "study.json").read_text())["runs"]}
+        assert set(runs) == {"grpo", "treepo", "node_value"}
+        grpo_tokens = sum(runs["grpo"]["decoded_tokens"])
+        assert [point["step"] for point in runs["grpo"]["curve"]] == [0, 1, 2]  # max_steps in eval_points shares
+        for arm in ("treepo", "node_value"):
+            budget = runs[arm]["budget"]
+            # every other arm spends GRPO's decoded tokens of the same seed, and stops at the step that does
+            assert budget["value"] == grpo_tokens and budget["reached"] and budget["spent"] >= grpo_tokens
+            assert sum(runs[arm]["decoded_tokens"][:-1]) < grpo_tokens <= sum(runs[arm]["decoded_tokens"])
+            assert runs[arm]["curve"][-1]["decoded_tokens"] == pytest.approx(budget["spent"])
+    table = (tmp_path / "study" / "suite.md").read_text()
+    assert "fixed 2026-12-07" in table and table.count("| legs |") == 2 and "per-node values" in table
+
+
+def test_a_wall_time_budget_stops_every_arm_once_it_is_spent(tmp_path):
+    command = study_command(tmp_path, "--preset", "equations", "--seeds", "0", "--arms", "treepo,grpo", "--budget",
+                            "wall_time", "--budget_value", "1e-3", "--eval_points", "1", *TINY)  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads((tmp_path / "study" / "study.json").read_text())
+    for run in report["runs"]:  # a given budget binds GRPO too: one step spends a millisecond
+        assert run["budget"] == {"kind": "wall_time", "value": 1e-3, "spent": pytest.approx(run["curve"][-1]["wall_s"]),
+                                 "reached": True}  # fmt: skip
+        assert [point["step"] for point in run["curve"]] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--budget", "decoded_tokens", "--arms", "treepo"], "GRPO does not run on seeds [0]"),
+        (["--budget", "decoded_tokens", "--arms", "grpo,treepo", "--eval_points", "3", "--max_steps", "2"],
+         "must divide max_steps"),
+        (["--budget_value", "100"], "--budget_value needs --budget decoded_tokens or wall_time"),
+    ],
+)  # fmt: skip
+def test_a_budget_that_cannot_be_spent_evenly_or_has_no_grpo_run_is_refused_before_any_run(tmp_path, flags, message):
+    finished = subprocess.run(study_command(tmp_path, "--seeds", "0", "--warmup_steps", "2", "--warmup_examples", "8",
+                                            *flags), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert finished.returncode != 0 and message in finished.stderr, finished.stderr[-2000:]
+    assert not list((tmp_path / "study").glob("*-0.json"))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -197,18 +197,18 @@ def main(argv: list[str] | None = None) -> dict:
     recorded = output / "setting.json"
     if recorded.exists() and recorded.read_text() != setting.to_json():
         raise SystemExit(f"{output} holds a study of another setting ({recorded}); pass another --output_dir.")
-    recorded.write_text(setting.to_json())
     seeds = _seeds(args, arms)
-    task = task_of(setting)
-    held_out = held_out_problems(setting, task)
-    for seed in sorted({seed for arm_seeds in seeds.values() for seed in arm_seeds}):
-        warm_model(setting, seed, args.cache_dir, task, held_out)  # once per seed, before the arms share it
     budgets = _budgets(args, setting, arms, seeds, output)
     every = args.eval_every
     # Under a spending budget GRPO's run of a seed sets that seed's budget, so it runs first.
     if setting.budget != "steps":
         every = _grid_step(args, setting)
         arms = sorted(arms, key=lambda arm: arm != "grpo")
+    recorded.write_text(setting.to_json())
+    task = task_of(setting)
+    held_out = held_out_problems(setting, task)
+    for seed in sorted({seed for arm_seeds in seeds.values() for seed in arm_seeds}):
+        warm_model(setting, seed, args.cache_dir, task, held_out)  # once per seed, before the arms share it
     runs = []
     # Arm by arm, so that an interrupted study already holds every seed of the first arms.
     for arm in arms:
