@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import inspect
 
-# TRL releases this package was written and tested against (pyproject.toml pins the same range).
-SUPPORTED_TRL = ">=1.16,<1.17"
+# TRL releases this package was written and tested against (pyproject.toml pins the same range;
+# tests/test_trl_versions.py runs the parity test and a TreePO step on each).
+SUPPORTED_TRL = ">=1.14,<1.17"
 
-# Each overridden method's leading parameters, as TRL 1.16 defines them; the override passes them on positionally.
-# `_get_per_token_logps_and_entropies` then takes TRL's multimodal inputs as keywords, whatever their names.
+# Each overridden method's leading parameters, as TRL 1.15 and 1.16 define them; the override passes them on
+# positionally. `_get_per_token_logps_and_entropies` then takes TRL's multimodal inputs as keywords, whatever their
+# names; in TRL 1.14 it is a dispatcher, `(self, model, *args, batch_size, compute_aux_loss, **kwargs)`, whose
+# unpacked path is `_full_logits_logps` with these same parameters, so that is the method checked there.
 OVERRIDDEN = {
     "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations",
                               "has_tool_images"),
@@ -40,6 +43,12 @@ def signature_mismatches(trainer_class) -> list[str]:
             problems.append(f"`{name}` no longer exists")
             continue
         actual = tuple(inspect.signature(method).parameters)
+        if name == "_get_per_token_logps_and_entropies" and _forwards_positional_arguments(method):
+            name, method = "_full_logits_logps", getattr(trainer_class, "_full_logits_logps", None)
+            if method is None:
+                problems.append("`_get_per_token_logps_and_entropies` forwards to `_full_logits_logps`, which is gone")
+                continue
+            actual = tuple(inspect.signature(method).parameters)
         compared = actual if name in WHOLE_SIGNATURE else actual[: len(expected)]
         if compared != expected:
             problems.append(f"`{name}{_signature(actual)}` was `{name}{_signature(expected)}`")
@@ -55,6 +64,11 @@ def check_grpo_trainer(trainer_class, trl_version: str) -> None:
             f"{'; '.join(problems)}. It supports TRL {SUPPORTED_TRL}; install a supported release "
             f"(`pip install 'trl{SUPPORTED_TRL}'`) or a trl_treepo release made for TRL {trl_version}."
         )
+
+
+def _forwards_positional_arguments(method) -> bool:
+    return any(parameter.kind is inspect.Parameter.VAR_POSITIONAL
+               for parameter in inspect.signature(method).parameters.values())  # fmt: skip
 
 
 def _signature(parameters) -> str:

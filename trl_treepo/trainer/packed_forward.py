@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 
 import torch
 from trl.trainer import grpo_trainer
+from trl.trainer import utils as trl_utils
 
 from ..architecture import active_dropout, attention_layer_count, packing_obstacle
 from ..packing import (
@@ -28,6 +30,20 @@ from ..packing import (
 from .lockstep import Lockstep
 
 logger = logging.getLogger(__name__)
+
+# TRL 1.15 and later patch the model's forward with a fused LM head that returns per-token log-probs and entropies
+# (`fused_lm_head=True`); TRL 1.14 scores full logits instead, and so does the packed forward under it.
+FUSED_LM_HEAD = hasattr(trl_utils, "add_fused_lm_head")
+
+
+def scored_from_logits(logits: torch.Tensor, shift_labels: torch.Tensor, temperature: float):
+    """What the fused LM head returns, from full logits: each position's log-probability of its (shifted) label at
+    `temperature`, and its entropy; 0 where the label is -100."""
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    valid = shift_labels != -100
+    chosen = log_probs.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return types.SimpleNamespace(log_probs=chosen * valid, entropy=entropy * valid)
 
 
 @contextlib.contextmanager
@@ -115,16 +131,13 @@ class PackedForward:
         # A MoE router's load-balancing loss reads the attention mask, which in a packed forward is a placeholder; the
         # loss's own forward, which needs that loss, is never packed (`_packable`), so packed forwards skip it.
         moe = {"output_router_logits": False} if self._routes(model) else {}
+        inputs = dict(input_ids=sequence.input_ids, attention_mask=sequence.attention_mask,
+                      position_ids=sequence.position_ids, tree_attention=sequence.tree, **moe)  # fmt: skip
         with self.trainer.accelerator.autocast():
-            return model(
-                input_ids=sequence.input_ids,
-                attention_mask=sequence.attention_mask,
-                position_ids=sequence.position_ids,
-                shift_labels=sequence.shift_labels,
-                fused_lm_head=True,
-                tree_attention=sequence.tree,
-                **moe,
-            )
+            if FUSED_LM_HEAD:
+                return model(**inputs, shift_labels=sequence.shift_labels, fused_lm_head=True)
+            return scored_from_logits(model(**inputs, use_cache=False).logits, sequence.shift_labels,
+                                      self.trainer.temperature)  # fmt: skip
 
     def _routes(self, model) -> bool:
         config = self.trainer.accelerator.unwrap_model(model).config
@@ -168,7 +181,7 @@ class PackedForward:
                 packed = self._packed(model, input_ids, attention_mask, logits_to_keep, batch_size, False)
                 if packed is None:  # the guard already turned packing off, on every rank
                     return False
-                reference = unpacked(model, input_ids, attention_mask, logits_to_keep, batch_size)[0]
+                reference = unpacked(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size)[0]
         finally:
             model.train(was_training)
         valid = attention_mask[:, -logits_to_keep:].bool()

@@ -12,6 +12,7 @@ prompts a tree cannot grow from, and, with tools, builds the tool executor from 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from dataclasses import dataclass
@@ -83,6 +84,15 @@ def unreachable_server_error(error: OSError, args, model) -> ConnectionError | N
         f"shared prefixes):\n    {server_command(model_id)}\nor point vllm_server_base_url at a running one. "
         "See docs/vllm.md."
     )
+
+
+def _gradient_checkpointing_for_generation(args) -> dict:
+    """What TRL's own generation passes `unwrap_model_for_generation` about gradient checkpointing: TRL 1.16 hands
+    it the checkpointing arguments (to switch checkpointing off while generating and back on after); TRL 1.14 takes
+    no such argument."""
+    if "gradient_checkpointing_kwargs" in inspect.signature(unwrap_model_for_generation).parameters:
+        return {"gradient_checkpointing_kwargs": args.gradient_checkpointing_kwargs}
+    return {}
 
 
 class TreeRollouts:
@@ -308,7 +318,7 @@ class TreeRollouts:
                 trainer.accelerator,
                 gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
                 generation_kwargs=trainer.generation_kwargs,
-                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+                **_gradient_checkpointing_for_generation(trainer.args),
             ) as unwrapped_model,
             torch.no_grad(),
             trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False),

@@ -196,7 +196,8 @@ class TreePOTrainer(GRPOTrainer):
         )  # fmt: skip
         if packed is not None:
             return packed
+        # Keywords past the first four: TRL 1.14's method takes them so (it forwards `*args` to `_full_logits_logps`).
         return unpacked(
-            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-            **multimodal_inputs,
+            model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, compute_entropy=compute_entropy,
+            compute_aux_loss=compute_aux_loss, **multimodal_inputs,
         )  # fmt: skip
