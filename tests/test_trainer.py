@@ -130,6 +130,13 @@ def test_options_train(tiny_model, tmp_path, overrides):
     assert ("tree/decoded_tokens" in logs[0]) == overrides.get("tree_sampling", True)
 
 
+def test_packed_training_passes_its_self_check_against_trls_own_forward(tiny_model, tmp_path):
+    """The packed log-probs equal TRL's unpacked ones on the first batch, whichever way the installed TRL scores
+    tokens (a fused LM head from TRL 1.15 on, full logits before), so packing stays on."""
+    trainer, logs, changed, _ = train(tiny_model, tmp_path, max_steps=1, tree_packed_training=True)
+    assert changed and trainer._packed_forward.verified and 0 < logs[0]["tree/packed_token_ratio"] < 1
+
+
 def test_lora_through_peft_config(tiny_model, tmp_path):
     from peft import LoraConfig
 

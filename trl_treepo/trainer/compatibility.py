@@ -13,7 +13,7 @@ import inspect
 
 # TRL releases this package was written and tested against (pyproject.toml pins the same range;
 # tests/test_trl_versions.py runs the parity test and a TreePO step on each).
-SUPPORTED_TRL = ">=1.14,<1.17"
+SUPPORTED_TRL = ">=1.14.2,!=1.15.*,<1.17"
 
 # Each overridden method's leading parameters, as TRL 1.15 and 1.16 define them; the override passes them on
 # positionally. `_get_per_token_logps_and_entropies` then takes TRL's multimodal inputs as keywords, whatever their
