@@ -18,8 +18,8 @@ import sys
 
 import torch
 from accelerate import PartialState
+from multiprocess_job import count_policy_calls
 from test_trainer import reward_length, tiny_args
-from transformers import TrainerCallback
 
 from trl_treepo import TreePOTrainer
 from trl_treepo.testing import make_math_dataset
@@ -44,41 +44,9 @@ def main(model: str, output_dir: str, packed: bool, uneven: bool) -> None:
     args = tiny_args(output_dir, tree_packed_training=packed, tree_packed_max_tokens=40 if packed else None,
                      tree_fallback_policy="restart", tree_segment_length=4, optim="sgd", learning_rate=1.0)  # fmt: skip
     trainer = TreePOTrainer(model=model, reward_funcs=reward_length, args=args, train_dataset=make_math_dataset(size=32))
-    state = PartialState()
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    counts, steps, generating = {"forward": 0, "generate": 0}, [], [False]
-    policy.register_forward_pre_hook(lambda module, args: counts.__setitem__("forward", counts["forward"] + 1))
-    generate = policy.generate
-
-    def counted_generate(*args, **kwargs):
-        counts["generate"] += 1
-        generating[0] = True
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            generating[0] = False
-
-    policy.generate = counted_generate
-    eos = trainer.processing_class.eos_token_id
-
-    def eos_at_once(module, inputs, output):
-        if generating[0]:
-            output = output.clone()
-            output[..., eos] = 1e4
-        return output
-
-    if uneven and state.process_index == 0:
-        policy.lm_head.register_forward_hook(eos_at_once)
-
-    class Counts(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            every = [None] * state.num_processes
-            torch.distributed.all_gather_object(every, dict(counts))
-            steps.append(every)
-            counts.update(forward=0, generate=0)
-
-    trainer.add_callback(Counts())
+    steps = count_policy_calls(trainer, uneven)
     trainer.train()
+    state, policy = PartialState(), trainer.accelerator.unwrap_model(trainer.model)
     plugin = trainer.accelerator.state.deepspeed_plugin
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     torch.save(full_weights(trainer), f"{output_dir}/weights{state.process_index}.pt")

@@ -47,12 +47,11 @@ def main(model: str, output_dir: str) -> None:
     torch.distributed.barrier()
 
 
-def uneven(model: str, output_dir: str) -> None:
+def count_policy_calls(trainer, uneven: bool) -> list:
+    """Count the policy's forwards and `generate` calls, per step and per rank (every rank's counts, gathered at each
+    step's end, go to the list returned). With `uneven`, rank 0's policy writes EOS at once while generating."""
     from transformers import TrainerCallback
 
-    args = tiny_args(output_dir, tree_packed_training=True, tree_packed_max_tokens=40, tree_fallback_policy="restart",
-                     tree_max_depth=3, tree_segment_length=4)  # fmt: skip
-    trainer = TreePOTrainer(model=model, reward_funcs=reward_length, args=args, train_dataset=make_math_dataset(size=32))
     state = PartialState()
     policy = trainer.accelerator.unwrap_model(trainer.model)
     eos = trainer.processing_class.eos_token_id
@@ -76,7 +75,7 @@ def uneven(model: str, output_dir: str) -> None:
             output[..., eos] = 1e4
         return output
 
-    if state.process_index == 0:
+    if uneven and state.process_index == 0:
         policy.lm_head.register_forward_hook(eos_at_once)
 
     class Counts(TrainerCallback):
@@ -87,9 +86,17 @@ def uneven(model: str, output_dir: str) -> None:
             counts.update(forward=0, generate=0)
 
     trainer.add_callback(Counts())
+    return steps
+
+
+def uneven(model: str, output_dir: str) -> None:
+    args = tiny_args(output_dir, tree_packed_training=True, tree_packed_max_tokens=40, tree_fallback_policy="restart",
+                     tree_max_depth=3, tree_segment_length=4)  # fmt: skip
+    trainer = TreePOTrainer(model=model, reward_funcs=reward_length, args=args, train_dataset=make_math_dataset(size=32))
+    steps = count_policy_calls(trainer, uneven=True)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    with open(f"{output_dir}/rank{state.process_index}.json", "w") as handle:
+    with open(f"{output_dir}/rank{PartialState().process_index}.json", "w") as handle:
         json.dump(dict(steps=steps, logs=logs, packing=trainer._packed_forward.verified), handle)
     torch.distributed.barrier()
 
