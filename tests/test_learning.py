@@ -82,6 +82,8 @@ def test_the_suite_runs_every_setting_to_grpos_decoded_tokens_and_writes_one_tab
             assert runs[arm]["curve"][-1]["decoded_tokens"] == pytest.approx(budget["spent"])
     table = (tmp_path / "study" / "suite.md").read_text()
     assert "fixed 2026-12-07" in table and table.count("| legs |") == 2 and "per-node values" in table
+    # rows in the suite's arm order, though node_value's runs were read before the earlier round's
+    assert table.index("| legs | TreePO |") < table.index("| legs | TreePO, per-node values")
 
 
 def test_a_wall_time_budget_stops_every_arm_once_it_is_spent(tmp_path):

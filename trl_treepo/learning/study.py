@@ -251,7 +251,10 @@ def suite_table(name: str, suite, summaries: dict) -> str:
     ]
     for setting, summary in summaries.items():
         grpo = summary.get("grpo")
-        for arm, row in summary.items():
+        # The suite's arm order, whatever order the runs were read in; arms outside the suite follow.
+        ordered = sorted(summary, key=lambda arm: suite.arms.index(arm) if arm in suite.arms else len(suite.arms))
+        for arm in ordered:
+            row = summary[arm]
             if arm == "grpo" or "paired_seeds" not in row:
                 continue
             cells = [_gain(row[key], row[f"{key}_se"]) if row.get(key) is not None else "—" for key in
