@@ -27,29 +27,51 @@ from trl_treepo.testing import free_port
 needs_vllm = pytest.mark.skipif(not is_vllm_available(), reason="VLLMColocateEngine builds vllm.SamplingParams")
 
 
-class FakeLLM:
-    """Answers `generate` deterministically from the prompt, so that every TP rank sees the same outputs."""
+def _fake_token(prompt_ids, branch: int, position: int) -> int:
+    return (sum(prompt_ids) + 7 * branch + position) % 50 + 10
+
+
+class FakeLLMEngine:
+    """vLLM's `LLMEngine` as the colocate engine drives it: one token per step for every request, each a function of
+    its prompt, its branch (the last part of the request id) and its position, so every TP rank sees the same
+    outputs. `calls` holds, per step, the prompts of the requests added before it."""
 
     def __init__(self):
-        self.calls, self.events = [], []
+        self.requests, self.calls, self.pending, self.steps = {}, [], [], 0
 
-    def generate(self, prompts, sampling_params, use_tqdm):
-        self.calls.append([p["prompt_token_ids"] for p in prompts])
+    def add_request(self, request_id, prompt, params):
+        branch = int(request_id.rsplit("-", 1)[1])
+        self.requests[request_id] = (prompt["prompt_token_ids"], branch, params.max_tokens, [])
+        self.pending.append(prompt["prompt_token_ids"])
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def abort_request(self, request_ids):
+        for request_id in request_ids:
+            self.requests.pop(request_id, None)
+
+    def step(self):
+        if self.pending:
+            self.calls.append(self.pending)
+            self.pending = []
+        self.steps += 1
         outputs = []
-        for prompt, params in zip(prompts, sampling_params):
-            ids = prompt["prompt_token_ids"]
-            completions = []
-            for branch in range(params.n):
-                tokens = [(sum(ids) + 7 * branch + k) % 50 + 10 for k in range(params.max_tokens)]
-                completions.append(
-                    SimpleNamespace(
-                        token_ids=tokens,
-                        logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in tokens],
-                        finish_reason="length",
-                    )
-                )
-            outputs.append(SimpleNamespace(outputs=completions))
+        for request_id, (ids, branch, max_tokens, generated) in list(self.requests.items()):
+            token = _fake_token(ids, branch, len(generated))
+            generated.append(token)
+            finished = len(generated) == max_tokens
+            completion = SimpleNamespace(token_ids=[token], logprobs=[{token: SimpleNamespace(logprob=-0.5)}],
+                                         finish_reason="length" if finished else None)  # fmt: skip
+            outputs.append(SimpleNamespace(request_id=request_id, finished=finished, outputs=[completion]))
+            if finished:
+                del self.requests[request_id]
         return outputs
+
+
+class FakeLLM:
+    def __init__(self):
+        self.llm_engine, self.events = FakeLLMEngine(), []
 
     def wake_up(self, tags):
         self.events.append(("wake_up", tuple(tags)))
@@ -90,7 +112,8 @@ PARAMS = TreeSamplingParams(width=4, segment_length=3, max_depth=4, eos_token_id
 def test_sleep_mode_wakes_once_per_rollout_not_per_level():
     generation = fake_generation(sleep_mode=True)
     rollout = colocate_rollout(generation, [[1, 2, 3], [4, 5]], PARAMS, decode=None)
-    assert len(generation.llm.calls) == 4  # one engine call per level
+    # every path runs to the depth limit: one wait per level, and the steps of one full path
+    assert rollout.stats.engine_calls == 4 and rollout.stats.engine_steps == generation.llm.llm_engine.steps == 12
     assert generation.llm.events == [("sync",), ("wake_up", ("kv_cache",)), ("sleep", 2)]
     assert generation._llm_weights_sleeping
     assert [len(leaves) for leaves in rollout.leaves] == [4, 4]
@@ -104,7 +127,7 @@ def _tensor_parallel_worker(rank, port, results):
         roots = [[100 + rank, 1], [200 + rank, 2]]
         rollout = colocate_rollout(generation, roots, PARAMS, decode=None)
         results[rank] = {
-            "first_call": generation.llm.calls[0],
+            "first_call": generation.llm.llm_engine.calls[0],
             "leaf_starts": [[leaf.token_ids[0] for leaf in leaves] for leaves in rollout.leaves],
             "decoded": rollout.stats.decoded_tokens,
         }
@@ -117,11 +140,12 @@ def test_tensor_parallel_ranks_gather_their_prompts_grow_the_same_trees_and_keep
     results = mp.Manager().dict()
     mp.spawn(_tensor_parallel_worker, args=(free_port(), results), nprocs=2, join=True)
     everyone = [[100, 1], [200, 2], [101, 1], [201, 2]]
-    assert results[0]["first_call"] == results[1]["first_call"] == everyone
+    assert results[0]["first_call"] == results[1]["first_call"] == [root for root in everyone for _ in range(2)]
     for rank in (0, 1):
-        # the first token of every leaf depends only on its root (see FakeLLM), so a rank's leaves show their roots
+        # the first token of every leaf depends only on its root (see FakeLLMEngine), so a rank's leaves show their
+        # roots
         own_roots = everyone[2 * rank : 2 * rank + 2]
-        expected = [{(sum(root) + 7 * b) % 50 + 10 for b in range(2)} for root in own_roots]
+        expected = [{_fake_token(root, b, 0) for b in range(2)} for root in own_roots]
         assert [set(starts) for starts in results[rank]["leaf_starts"]] == expected
     assert results[0]["decoded"] > 0 and results[1]["decoded"] == 0  # the group's work is counted once
 

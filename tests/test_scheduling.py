@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from trl_treepo import TreeSamplingParams, grow_trees
 from trl_treepo.sampling import SegmentOutput
 from trl_treepo.scheduling import LevelBatches, ThreadedStream, drive_trees
-from trl_treepo.testing import OutOfOrderEngine, ScriptedEngine
+from trl_treepo.testing import ContinuingEngine, OutOfOrderEngine, ScriptedEngine
 from trl_treepo.tree import prompt_seed
 
 EOS = 0
@@ -151,3 +151,55 @@ def test_randomness_is_drawn_per_prompt_not_from_a_shared_stream():
     first_forks = [len({leaf.nodes[0] for leaf in leaves if not leaf.from_fallback}) for leaves in rollout.leaves]
     assert all(fork <= want for fork, want in zip(first_forks, expected))
     assert len(set(expected)) > 1
+
+
+# ------------------------------------------------------------------------- branches that decode past their segment
+
+
+def next_token(context, salt):
+    """Answers, EOS, repetition and plain text, as a deterministic function of the context (and a new branch's salt)."""
+    import zlib
+
+    if context[-1] == 2:
+        return 3
+    if context[-2:] == (2, 3):
+        return 4
+    if context[-1] == 4:
+        return EOS
+    roll = random.Random(zlib.crc32(repr((context, salt)).encode())).random()
+    return 0 if roll < 0.06 else 2 if roll < 0.12 else 5 if roll < 0.2 else 3 if roll < 0.35 else 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 1_000), policy=st.sampled_from(["random_cut", "restart"]), barrier=st.booleans(),
+       answer_stop=st.sampled_from(["boxed_and_eos", "boxed"]))  # fmt: skip
+def test_a_first_child_that_continues_its_parents_request_gives_the_same_trees(seed, policy, barrier, answer_stop):
+    """Equal engine outputs give equal trees whether each segment is its own request or the first child goes on in its
+    parent's; what a stopped path decoded ahead is counted and its request released, and nothing is left running."""
+    p = params(seed=seed, fallback_policy=policy, answer_stop=answer_stop, width=8, max_depth=5)
+    per_segment = ContinuingEngine(next_token, EOS, continue_branches=False)
+    reference = grow_trees(per_segment, PROMPTS, p, decode, barrier=barrier)
+    continuing = ContinuingEngine(next_token, EOS)
+    rollout = grow_trees(continuing, PROMPTS, p, decode, barrier=barrier)
+    assert tree_of(rollout) == tree_of(reference)
+    assert continuing.requests < per_segment.requests
+    assert not continuing.running and not per_segment.running
+    # every token the engine decoded is counted once: in a segment, or as decoded ahead for a path that stopped
+    assert rollout.stats.decoded_tokens == continuing.decoded_tokens
+    assert rollout.stats.decoded_tokens - reference.stats.decoded_tokens == continuing.discarded_tokens
+    assert rollout.stats.engine_steps == continuing.steps
+
+
+def test_the_level_timeline_accounts_for_every_engine_step():
+    """On an engine that counts its steps, every tree level is timed: submitted, decoded, handed back; per tree a level
+    is handed back when decoded, behind a barrier when the batch's last level is."""
+    p = params(seed=2, width=8, max_depth=5)
+    for barrier in (False, True):
+        engine = ContinuingEngine(next_token, EOS)
+        rollout = grow_trees(engine, PROMPTS, p, decode, barrier=barrier)
+        levels = rollout.levels
+        assert rollout.stats.engine_steps == engine.steps == max(level.returned for level in levels)
+        assert all(level.submitted <= level.decoded <= level.returned for level in levels)
+        assert sorted({level.tree for level in levels}) == list(range(len(PROMPTS)))
+        waited = sum(level.returned - level.decoded for level in levels)
+        assert (waited > 0) == barrier

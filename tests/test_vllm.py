@@ -101,8 +101,10 @@ def test_colocate_training_keeps_vllm_in_sync_and_shares_prefixes(colocate_run):
     assert stale[-1] > 10 * max(synced)
 
 
-@pytest.mark.parametrize("schedule", ["per_tree", "level"])
+@pytest.mark.parametrize("schedule", ["per_tree", "level", "per_tree, a request per segment", "released level"])
 def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(colocate_run, tiny_model, schedule):
+    """Leaf logprobs equal the trained model's however the engine is driven: per tree or behind a level barrier, with
+    first children continuing their parent's request or a request per segment, or one `LLM.generate` per level."""
     trainer, _, _ = colocate_run
     trainer.vllm_generation.sync_weights()
     llm = trainer.vllm_generation.llm
@@ -110,10 +112,16 @@ def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(coloc
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = prompt_ids(tokenizer)
     params = TreeSamplingParams(width=8, segment_length=SEGMENT, max_depth=DEPTH, eos_token_ids=(tokenizer.eos_token_id,))
-    engine = VLLMColocateEngine(llm, {"temperature": 1.0})
-    rollout = grow_trees(engine if schedule == "per_tree" else LevelBatches(engine), prompts, params, tokenizer.decode)
+    engine = VLLMColocateEngine(llm, {"temperature": 1.0}, continue_branches=schedule in ("per_tree", "level"))
+    driven = LevelBatches(engine) if schedule == "released level" else engine
+    rollout = grow_trees(driven, prompts, params, tokenizer.decode, barrier=schedule == "level")
+    assert not llm.llm_engine.has_unfinished_requests()  # every branch a stopped path decoded ahead was aborted
     assert all(len(leaves) == 8 for leaves in rollout.leaves)
     assert rollout.stats.engine_calls >= DEPTH  # level by level one call per depth; per tree, a wait per finished level
+    if schedule in ("per_tree", "level"):
+        # a path that goes on needs no new request: only branch points (and fallbacks) start one
+        assert engine.requests < rollout.stats.branches / 2
+        assert rollout.stats.engine_steps == engine.steps > 0
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     report = leaf_logprob_gap(model, prompts, rollout, SEGMENT)
     assert report["tokens"] > 8 * SEGMENT * 4

@@ -118,20 +118,34 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class SegmentRequest:
-    """Decode `num_branches` independent continuations of `token_ids` (prompt + response so far)."""
+    """Decode `num_branches` independent continuations of `token_ids` (prompt + response so far), `max_tokens` each.
+
+    `path_budget` is what the path may still decode in all, this segment included (`max_tokens` when unset). An engine
+    that keeps a branch decoding past its segment (`SegmentOutput.stream`) decodes at most that many. `continues`
+    names such a running branch whose tokens past the last segment are this request's first branch: the first child
+    of a path that was not cut goes on decoding in its parent's engine request instead of starting a new one.
+    """
 
     token_ids: Sequence[int]
     num_branches: int
     max_tokens: int
+    path_budget: int | None = None
+    continues: object = None  # a `SegmentOutput.stream` of the previous level, or None
 
 
 @dataclass
 class SegmentOutput:
-    """One decoded continuation. `finish_reason` is `"stop"` (EOS or a stop condition) or `"length"` (max_tokens)."""
+    """One decoded continuation. `finish_reason` is `"stop"` (EOS or a stop condition) or `"length"` (max_tokens).
+
+    `stream` is set when the engine keeps decoding this branch past the segment: a handle that the next level's
+    request for the path's first child passes back as `SegmentRequest.continues`. A handle that no request continues
+    is released (`StreamingSegmentEngine.release`), and the engine stops decoding it.
+    """
 
     token_ids: list[int]
     logprobs: list[float] | None
     finish_reason: Literal["stop", "length"]
+    stream: object = None
 
 
 class SegmentEngine(Protocol):
@@ -150,6 +164,9 @@ class StreamingSegmentEngine(Protocol):
     one queued group is fully decoded and returns `(ticket, outputs)` for every group that is, `outputs` in the
     group's request order as `SegmentEngine.generate` gives them. Groups may finish in any order. `close` drops
     whatever is still queued (a rollout that failed midway must not leave requests in the engine).
+
+    An engine whose outputs carry `stream` handles also has `release(streams)`: stop decoding branches that no
+    request will continue (their paths stopped). An engine that counts its decoding steps has an int `steps`.
     """
 
     def submit(self, requests: Sequence[SegmentRequest]) -> int: ...

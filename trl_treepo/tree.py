@@ -38,7 +38,7 @@ from .sampling import (
     ToolTurn,
     TreeSamplingParams,
 )
-from .scheduling import drive_trees
+from .scheduling import DriveResult, LevelTiming, drive_trees
 
 Decode = Callable[[Sequence[int]], str]
 
@@ -116,9 +116,10 @@ class RolloutStats:
     """Work counters of one rollout. `decoded_tokens` is what the engine generated; `leaf_tokens` what TRL trains on."""
 
     engine_calls: int = 0  # waits on the engine: level by level one `generate` call per depth; per tree, more
+    engine_steps: int = 0  # the engine's decoding steps, where it counts them (vLLM colocate, transformers), else 0
     requests: int = 0
     branches: int = 0
-    decoded_tokens: int = 0
+    decoded_tokens: int = 0  # every token the engine sampled, those decoded ahead for paths that then stopped included
     submitted_tokens: int = 0
     leaf_tokens: int = 0
     fallback_events: int = 0
@@ -133,6 +134,7 @@ class RolloutStats:
 class TreeRollout:
     leaves: list[list[Leaf]]  # per prompt, in finishing order
     stats: RolloutStats = field(default_factory=RolloutStats)
+    levels: list[LevelTiming] = field(default_factory=list)  # each tree level on the engine's clock, if it has one
 
     def flat_leaves(self) -> list[Leaf]:
         return [leaf for prompt_leaves in self.leaves for leaf in prompt_leaves]
@@ -162,6 +164,7 @@ class _Path:
     tool_mask: list[int] | None = None
     tool_turns: tuple[tuple[int, ToolTurn], ...] = ()  # (index of the segment that ran it, turn)
     tool_state: object = None
+    stream: object = None  # the engine request still decoding past this path's last segment, if any
 
     def leaf(self, reason: FinishReason) -> Leaf:
         return Leaf(
@@ -418,6 +421,7 @@ def grow_trees(
     params: TreeSamplingParams,
     decode: Decode | None = None,
     tools: ToolRunner | None = None,
+    barrier: bool = False,
 ) -> TreeRollout:
     """Grow one tree per prompt and return its leaves (exactly `params.width` per prompt unless fallback is off).
 
@@ -426,8 +430,8 @@ def grow_trees(
     after their result. Each tree's own choices are deterministic given `params.seed`, its prompt index, the engine's
     outputs for it and the tools' results: never on other trees, nor on the order in which the engine finishes.
 
-    A `StreamingSegmentEngine` grows every tree at its own pace (`scheduling.drive_trees`); a plain `SegmentEngine`
-    decodes one batched call per level across all trees.
+    A `StreamingSegmentEngine` grows every tree at its own pace (`scheduling.drive_trees`), or level by level across
+    the batch with `barrier`; a plain `SegmentEngine` decodes one batched call per level across all trees.
     """
     if not prompts:
         return TreeRollout(leaves=[])
@@ -438,8 +442,7 @@ def grow_trees(
         PromptTree(index, prompt, params, decode, tools, tools.root_state(index) if tools is not None else None)
         for index, prompt in enumerate(prompts)
     ]
-    engine_calls = drive_trees(engine, trees)
-    return _collect(trees, engine_calls)
+    return _collect(trees, drive_trees(engine, trees, barrier))
 
 
 def prompt_seed(seed: int, prompt_index: int) -> int:
@@ -473,13 +476,22 @@ class PromptTree:
     def finished(self) -> bool:
         return not self.frontier
 
+    @property
+    def in_fallback(self) -> bool:
+        """Whether the tree's main paths have all stopped and it is re-growing from fallback branches (§2.5)."""
+        return self.stats.fallback_events > 0
+
     def requests(self) -> list[SegmentRequest]:
-        """The next level's requests: one per frontier path, `num_branches` = its children."""
+        """The next level's requests: one per frontier path, `num_branches` = its children. A path whose engine
+        request is still decoding has its first child continue it (`SegmentRequest.continues`): the child's segment
+        is a sample of the same distribution as a new request's, without a new request."""
         params = self.params
         self._requests = []
         for path, copies in self.frontier:
-            max_tokens = min(params.segment_length, params.max_response_length - len(path.token_ids))
-            self._requests.append(SegmentRequest(list(self.prompt) + path.token_ids, copies, max_tokens))
+            budget = params.max_response_length - len(path.token_ids)
+            request = SegmentRequest(list(self.prompt) + path.token_ids, copies, min(params.segment_length, budget),
+                                     path_budget=budget, continues=path.stream)  # fmt: skip
+            self._requests.append(request)
         stats = self.stats
         stats.requests += len(self._requests)
         stats.branches += sum(r.num_branches for r in self._requests)
@@ -530,6 +542,7 @@ class PromptTree:
             None if parent.tool_mask is None else parent.tool_mask + [1] * len(segment),
             parent.tool_turns,
             parent.tool_state,
+            output.stream,
         )
         self.next_node += 1
         reason = classify_segment(child, segment, segment_text, ended, params)
@@ -554,19 +567,20 @@ class PromptTree:
         return []
 
 
-def _collect(trees: Sequence[PromptTree], engine_calls: int) -> TreeRollout:
+def _collect(trees: Sequence[PromptTree], driven: DriveResult) -> TreeRollout:
     """The rollout of finished trees: node ids made unique across trees (in prompt order), counters summed."""
-    stats = RolloutStats(engine_calls=engine_calls)
+    stats = RolloutStats(engine_calls=driven.waits, engine_steps=driven.engine_steps or 0)
+    stats.decoded_tokens = driven.discarded_tokens
     leaves, offset = [], 0
     for tree in trees:
         for name, value in vars(tree.stats).items():
-            if name != "engine_calls":
+            if name not in ("engine_calls", "engine_steps"):
                 setattr(stats, name, getattr(stats, name) + value)
         leaves.append([replace(leaf, nodes=tuple(offset + node for node in leaf.nodes)) for leaf in tree.done])
         offset += tree.next_node
     stats.leaf_tokens = sum(leaf.policy_tokens for prompt_leaves in leaves for leaf in prompt_leaves)
     stats.sequential_tool_calls = sum(leaf.tool_calls for prompt_leaves in leaves for leaf in prompt_leaves)
-    return TreeRollout(leaves=leaves, stats=stats)
+    return TreeRollout(leaves=leaves, stats=stats, levels=driven.levels)
 
 
 def _run_tool_turn(

@@ -149,6 +149,7 @@ class TransformersSegmentEngine:
                     )
         self._kept = None  # (sequences, attention_mask, cache, row of each continuable full sequence)
         self.prefilled_tokens = 0  # prefix tokens read again because no cached row held them
+        self.steps = 0  # decoding steps (`generate`'s forwards that sample a token), over every call
 
     @property
     def device(self):
@@ -263,6 +264,7 @@ class TransformersSegmentEngine:
         past_key_values = None if isinstance(output, torch.Tensor) else output.past_key_values
         prompt_width = input_ids.size(1)
         new_tokens = sequences[:, prompt_width:]
+        self.steps += new_tokens.size(1)
         logprobs = recorder.collect(sequences[:, -1]).cpu() if recorder else None
         new_tokens_cpu = new_tokens.cpu().tolist()
 

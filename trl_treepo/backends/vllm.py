@@ -1,14 +1,14 @@
 """Segment engines and rollouts through TRL's vLLM integration (`trl.generation.VLLMGeneration`).
 
-Each tree level is one batched call for every tree (`tree_rollout_schedule="level"`), or each tree grows at its own
-pace (`"per_tree"`, `scheduling.drive_trees`): its next level is queued as soon as its own level is decoded.
-Siblings resubmit their shared prefix, which vLLM's automatic prefix caching serves from cache instead of recomputing
-(TreePO's KV reuse, spec §3).
+Each tree grows at its own pace (`tree_rollout_schedule="per_tree"`, `scheduling.drive_trees`): its next level is
+queued as soon as its own level is decoded; or level by level across the batch (`"level"`). New branches resubmit
+their shared prefix, which vLLM's automatic prefix caching serves from cache instead of recomputing (TreePO's KV
+reuse, spec §3).
 
-- Colocate: every process drives its own `vllm.LLM` (`vllm_generation.llm`) with token-id prompts, one `generate`
-  call per depth (per tree: request by request through its `LLMEngine`); with tensor parallelism the prompts of a
-  TP group are gathered first, as TRL does, and every rank of the group grows the same trees (same seed, same
-  engine outputs) and keeps its share.
+- Colocate: every process drives its own `vllm.LLM` (`vllm_generation.llm`) with token-id prompts, request by
+  request through its `LLMEngine`; a path's first child continues its parent's request, so only branch points start
+  new ones. With tensor parallelism the prompts of a TP group are gathered first, as TRL does, and every rank of the
+  group grows the same trees (same seed, same engine outputs) and keeps its share.
 - Server: the main process gathers every prompt, grows all trees against `vllm serve` over HTTP (per tree: each
   tree's levels as concurrent requests, which the server batches), and broadcasts the leaves. With tools, each
   process grows its own trees against the server instead, since a tool call runs where its example's environment
@@ -22,14 +22,14 @@ import shlex
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 
 from ..config import STOP_STRING_KEYS
 from ..sampling import SegmentOutput, SegmentRequest
-from ..scheduling import LevelBatches, ThreadedStream
+from ..scheduling import ThreadedStream
 from ..tree import RolloutStats, TreeRollout, grow_trees
 
 
@@ -71,22 +71,51 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-class VLLMColocateEngine:
-    """Segment engine over an in-process `vllm.LLM`, `n = num_branches` per request.
+@dataclass(eq=False)
+class _Branch:
+    """One vLLM request decoding one branch of a path, handed out a segment at a time."""
 
-    As a `StreamingSegmentEngine` (`submit`/`wait`) it drives the `LLMEngine` under TRL's `LLM` request by request:
-    a tree's next level joins the running batch as soon as its own level is decoded (`tree_rollout_schedule=
-    "per_tree"`). `generate` is one `LLM.generate` call (the level-synchronous rollout, wrapped in `LevelBatches`).
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)  # decoded so far
+    logprobs: list[float] | None = field(default_factory=list)
+    handed: int = 0  # tokens already handed out as segments
+    finish_reason: str | None = None  # vLLM's, once the request finished
+    slot: tuple[int, int, int, int] | None = None  # the segment awaited: (ticket, request, branch, max_tokens)
+
+    @property
+    def running(self) -> bool:
+        return self.finish_reason is None
+
+
+class VLLMColocateEngine:
+    """Segment engine over an in-process `vllm.LLM`.
+
+    As a `StreamingSegmentEngine` (`submit`/`wait`) it drives the `LLMEngine` under TRL's `LLM` itself, one request
+    per branch: a tree's next level joins the running batch as soon as its own level is decoded. With
+    `continue_branches` (the default) a branch's request decodes up to its path's whole budget rather than one
+    segment; the engine hands out its tokens a segment at a time, and the first child of a path that goes on
+    continues its parent's request (`SegmentRequest.continues`). A path that is not branching therefore costs no new
+    request, no re-read of its last partial KV block, and no step lost at a segment boundary; only the extra branches
+    of a branch point start new requests. Tokens decoded ahead for a path that then stops are counted
+    (`discarded_tokens`) and the request is aborted when the tree releases it.
+
+    `generate` is one `LLM.generate` call (TRL's own path; the benchmark's sequential baseline).
     """
 
-    def __init__(self, llm, sampling: dict):
+    def __init__(self, llm, sampling: dict, continue_branches: bool = True):
         self.llm = llm
         self.sampling = sampling
+        self.continue_branches = continue_branches
         self.next_ticket = 0
-        self.owners: dict[str, tuple[int, int]] = {}  # vLLM request id -> (ticket, request index in its group)
-        self.groups: dict[int, list] = {}  # ticket -> the group's outputs so far (None: not finished)
+        self.branches: dict[str, _Branch] = {}  # vLLM request id -> branch still running or holding tokens
+        self.groups: dict[int, list[list[SegmentOutput | None]]] = {}  # ticket -> its outputs so far
+        self.missing: dict[int, int] = {}  # ticket -> outputs not decoded yet
+        self.ready: list[int] = []
+        self.steps = 0  # `LLMEngine.step` calls: decoding steps of the running batch
+        self.requests = 0  # engine requests started (a continued branch is not a new one)
+        self.discarded_tokens = 0
 
-    def _sampling_params(self, request: SegmentRequest):
+    def _sampling_params(self, max_tokens: int, n: int = 1, streaming: bool = True):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -94,67 +123,126 @@ class VLLMColocateEngine:
         # token incrementally (and every logprob's token string) on the host, competing with the engine for CPU.
         return SamplingParams(
             **self.sampling,
-            n=request.num_branches,
-            max_tokens=request.max_tokens,
+            n=n,
+            max_tokens=max_tokens,
             logprobs=0,
             detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request, with all of its branches
+            output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
         )
 
     @staticmethod
-    def _branches(output) -> list[SegmentOutput]:
-        branches = []
-        for completion in output.outputs:
-            ids = list(completion.token_ids)
-            logprobs = None
-            if completion.logprobs is not None:
-                logprobs = [position[token].logprob for position, token in zip(completion.logprobs, ids)]
-            branches.append(SegmentOutput(ids, logprobs, _finish(completion.finish_reason)))
-        return branches
+    def _logprobs(completion, ids) -> list[float] | None:
+        if completion.logprobs is None:
+            return None
+        return [position[token].logprob for position, token in zip(completion.logprobs, ids)]
 
     def generate(self, requests: Sequence[SegmentRequest]) -> list[list[SegmentOutput]]:
         if not requests:
             return []
         prompts = [{"prompt_token_ids": list(request.token_ids)} for request in requests]
-        params = [self._sampling_params(request) for request in requests]
+        params = [self._sampling_params(r.max_tokens, r.num_branches, streaming=False) for r in requests]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        return [self._branches(output) for output in outputs]
+        return [
+            [
+                SegmentOutput(list(c.token_ids), self._logprobs(c, c.token_ids), _finish(c.finish_reason))
+                for c in output.outputs
+            ]
+            for output in outputs
+        ]
 
     def submit(self, requests: Sequence[SegmentRequest]) -> int:
         engine = self.llm.llm_engine
         self.next_ticket += 1
         ticket = self.next_ticket
-        self.groups[ticket] = [None] * len(requests)
+        self.groups[ticket] = [[None] * request.num_branches for request in requests]
+        self.missing[ticket] = sum(request.num_branches for request in requests)
         for index, request in enumerate(requests):
-            request_id = f"treepo-{ticket}-{index}"  # never an integer, so never one of `LLM.generate`'s own ids
-            self.owners[request_id] = (ticket, index)
-            engine.add_request(request_id, {"prompt_token_ids": list(request.token_ids)}, self._sampling_params(request))
+            first_new = 0
+            if request.continues is not None:
+                self._await(request.continues, (ticket, index, 0, request.max_tokens))
+                first_new = 1
+            budget = request.path_budget if self.continue_branches and request.path_budget else request.max_tokens
+            for branch_index in range(first_new, request.num_branches):
+                # never an integer, so never one of `LLM.generate`'s own request ids
+                branch = _Branch(f"treepo-{ticket}-{index}-{branch_index}")
+                self.branches[branch.request_id] = branch
+                self.requests += 1
+                engine.add_request(branch.request_id, {"prompt_token_ids": list(request.token_ids)},
+                                   self._sampling_params(budget))  # fmt: skip
+                self._await(branch, (ticket, index, branch_index, request.max_tokens))
         return ticket
+
+    def _await(self, branch: _Branch, slot) -> None:
+        if branch.request_id not in self.branches:
+            raise RuntimeError("A tree continued a branch that this engine no longer holds (released or closed).")
+        branch.slot = slot
+        self._hand_out(branch)
+
+    def _hand_out(self, branch: _Branch) -> None:
+        """Fill the segment `branch` is awaited for, once it holds that many tokens or its request finished."""
+        if branch.slot is None:
+            return
+        ticket, index, branch_index, max_tokens = branch.slot
+        available = len(branch.token_ids) - branch.handed
+        if available < max_tokens and branch.running:
+            return
+        start, end = branch.handed, branch.handed + min(max_tokens, available)
+        branch.handed, branch.slot = end, None
+        exhausted = not branch.running and end == len(branch.token_ids)
+        reason = _finish(branch.finish_reason) if exhausted else "length"
+        logprobs = None if branch.logprobs is None else branch.logprobs[start:end]
+        self.groups[ticket][index][branch_index] = SegmentOutput(
+            branch.token_ids[start:end], logprobs, reason, stream=None if exhausted else branch
+        )
+        if exhausted:
+            del self.branches[branch.request_id]
+        self.missing[ticket] -= 1
+        if self.missing[ticket] == 0:
+            self.ready.append(ticket)
 
     def wait(self) -> list[tuple[int, list[list[SegmentOutput]]]]:
         engine = self.llm.llm_engine
-        finished = []
-        while not finished:
+        while not self.ready:
             if not engine.has_unfinished_requests():
                 raise RuntimeError(
-                    f"The vLLM engine holds none of the {len(self.owners)} tree requests still awaited: were they "
+                    f"The vLLM engine holds none of the {len(self.branches)} tree requests still awaited: were they "
                     "aborted by another user of the same LLM while a tree rollout was running?"
                 )
-            for output in engine.step():
-                if not output.finished or output.request_id not in self.owners:
+            outputs = engine.step()
+            self.steps += 1
+            for output in outputs:
+                branch = self.branches.get(output.request_id)
+                if branch is None:
                     continue
-                ticket, index = self.owners.pop(output.request_id)
-                group = self.groups[ticket]
-                group[index] = self._branches(output)
-                if all(branches is not None for branches in group):
-                    finished.append((ticket, self.groups.pop(ticket)))
-        return finished
+                completion = output.outputs[0]
+                new_ids = list(completion.token_ids)
+                branch.token_ids += new_ids
+                new_logprobs = self._logprobs(completion, new_ids)
+                branch.logprobs = None if new_logprobs is None or branch.logprobs is None else branch.logprobs + new_logprobs
+                if output.finished:
+                    branch.finish_reason = completion.finish_reason or "stop"
+                self._hand_out(branch)
+        finished, self.ready = self.ready, []
+        for ticket in finished:
+            del self.missing[ticket]
+        return [(ticket, self.groups.pop(ticket)) for ticket in finished]
+
+    def release(self, streams) -> None:
+        """Stop the branches whose paths stopped: abort their requests, and count what they decoded ahead."""
+        running = []
+        for branch in streams:
+            if self.branches.pop(branch.request_id, None) is None:
+                continue
+            self.discarded_tokens += len(branch.token_ids) - branch.handed
+            if branch.running:
+                running.append(branch.request_id)
+        if running:
+            self.llm.llm_engine.abort_request(running)
 
     def close(self) -> None:
         """Abort the requests of a rollout that stopped midway, so that the next `generate` starts clean."""
-        if self.owners:
-            self.llm.llm_engine.abort_request(list(self.owners))
-        self.owners, self.groups = {}, {}
+        self.release(list(self.branches.values()))
+        self.groups, self.missing, self.ready = {}, {}, []
 
 
 class ServerRequestError(RuntimeError):
@@ -253,9 +341,10 @@ class VLLMServerEngine:
 def colocate_rollout(vllm_generation, roots, params, decode, tools=None, schedule: str = "level") -> TreeRollout:
     """Grow trees on this process's colocated engine (gathering the prompts of its TP group first).
 
-    `schedule="per_tree"` drives the engine request by request; `"level"` makes one `LLM.generate` call per depth. The
-    ranks of a TP group drive their engines identically either way: the same trees, the same outputs, so the same
-    requests in the same order between the same steps.
+    The engine is driven request by request; `schedule="per_tree"` hands each tree its level as soon as it is
+    decoded, `"level"` holds every tree's level until the whole batch's is (the released code's barrier). The ranks of
+    a TP group drive their engines identically either way: the same trees, the same outputs, so the same requests in
+    the same order between the same steps.
     """
     llm = vllm_generation.llm
     group_size = vllm_generation.tensor_parallel_size
@@ -273,8 +362,7 @@ def colocate_rollout(vllm_generation, roots, params, decode, tools=None, schedul
         llm.wake_up(tags=["kv_cache"])
     try:
         engine = VLLMColocateEngine(llm, sampling_settings(vllm_generation))
-        rollout = grow_trees(engine if schedule == "per_tree" else LevelBatches(engine), all_roots, params, decode,
-                             tools)  # fmt: skip
+        rollout = grow_trees(engine, all_roots, params, decode, tools, barrier=schedule == "level")
     finally:
         if vllm_generation.enable_sleep_mode:
             llm.sleep(level=2)

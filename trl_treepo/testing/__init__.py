@@ -8,7 +8,7 @@
 - `servers.py`: a real `vllm serve` on loopback.
 """
 
-from .engines import OutOfOrderEngine, ScriptedEngine
+from .engines import ContinuingEngine, OutOfOrderEngine, ScriptedEngine
 from .models import QWEN2_5_SPECIAL_TOKENS, TINY_FAMILIES, build_qwen_tokenizer, make_tiny_model, tiny_config
 from .servers import free_port, start_vllm_server, vllm_server_command
 from .tasks import (
@@ -38,6 +38,7 @@ __all__ = [
     "TINY_FAMILIES",
     "TOOL_SYSTEM_PROMPT",
     "TOOL_TASK_CONFIG",
+    "ContinuingEngine",
     "OutOfOrderEngine",
     "ScriptedEngine",
     "build_qwen_tokenizer",

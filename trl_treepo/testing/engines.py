@@ -81,3 +81,95 @@ class OutOfOrderEngine:
 
     def close(self) -> None:
         self.pending = {}
+
+
+class _TokenBranch:
+    """One branch of `ContinuingEngine`: its context, the tokens it decoded, and the segment it is awaited for."""
+
+    def __init__(self, context, budget: int, salt: int):
+        self.context, self.budget, self.salt = context, budget, salt
+        self.new, self.handed, self.done, self.slot = [], 0, False, None
+
+
+class ContinuingEngine:
+    """A `StreamingSegmentEngine` that decodes token by token and keeps each branch going past its segment, as the
+    vLLM colocate engine does (`SegmentOutput.stream`, `SegmentRequest.continues`).
+
+    Token `t` of a branch is `next_token(context, salt)`, `context` being the prompt and every token before it; `salt`
+    is the branch's index within its request for a new branch's first token, and 0 for every other token. A first
+    child that continues its parent's request therefore gets exactly the tokens a new request would give it, so the
+    trees must be the same with and without `continue_branches`. Each `wait` is one decoding step: every running
+    branch decodes one token, a branch stops after `eos_token_id` or at its budget, and a group is handed back once
+    all of its segments are decoded. `steps`, `requests`, `decoded_tokens` and `discarded_tokens` count the work.
+    """
+
+    def __init__(self, next_token, eos_token_id: int = 0, continue_branches: bool = True):
+        self.next_token, self.eos_token_id, self.continue_branches = next_token, eos_token_id, continue_branches
+        self.steps = self.requests = self.decoded_tokens = self.discarded_tokens = self.next_ticket = 0
+        self.running: list[_TokenBranch] = []  # branches still decoding or holding tokens
+        self.groups: dict[int, list] = {}
+        self.released: list[_TokenBranch] = []
+
+    def submit(self, requests) -> int:
+        self.next_ticket += 1
+        group = self.groups[self.next_ticket] = [[None] * r.num_branches for r in requests]
+        for index, request in enumerate(requests):
+            for branch_index in range(request.num_branches):
+                if branch_index == 0 and request.continues is not None:
+                    branch = request.continues
+                    if not any(branch is held for held in self.running):
+                        raise AssertionError("a released or finished branch was continued")
+                else:
+                    budget = request.path_budget if self.continue_branches else request.max_tokens
+                    branch = _TokenBranch(list(request.token_ids), budget, branch_index)
+                    self.running.append(branch)
+                    self.requests += 1
+                branch.slot = (group, index, branch_index, request.max_tokens)
+        return self.next_ticket
+
+    def wait(self):
+        while True:
+            for branch in list(self.running):
+                self._hand_out(branch)
+            finished = [t for t, g in self.groups.items() if all(o is not None for outputs in g for o in outputs)]
+            if finished:
+                return [(ticket, self.groups.pop(ticket)) for ticket in finished]
+            if all(branch.done for branch in self.running):
+                raise RuntimeError("every branch finished, but a group is still missing outputs")
+            self.steps += 1
+            for branch in self.running:
+                if not branch.done:
+                    token = self.next_token(tuple(branch.context + branch.new), 0 if branch.new else branch.salt)
+                    branch.new.append(token)
+                    self.decoded_tokens += 1
+                    branch.done = token == self.eos_token_id or len(branch.new) == branch.budget
+
+    def _hand_out(self, branch: _TokenBranch) -> None:
+        from ..sampling import SegmentOutput
+
+        if branch.slot is None:
+            return
+        group, index, branch_index, max_tokens = branch.slot
+        available = len(branch.new) - branch.handed
+        if available < max_tokens and not branch.done:
+            return
+        start, end = branch.handed, branch.handed + min(max_tokens, available)
+        branch.handed, branch.slot = end, None
+        exhausted = branch.done and end == len(branch.new)
+        ids = branch.new[start:end]
+        reason = "stop" if exhausted and ids and ids[-1] == self.eos_token_id else "length"
+        group[index][branch_index] = SegmentOutput(ids, [-1.0] * len(ids), reason, None if exhausted else branch)
+        if exhausted:
+            self._drop(branch)
+
+    def _drop(self, branch: _TokenBranch) -> None:
+        self.running = [held for held in self.running if held is not branch]
+
+    def release(self, streams) -> None:
+        for branch in streams:
+            self._drop(branch)
+            self.released.append(branch)
+            self.discarded_tokens += len(branch.new) - branch.handed
+
+    def close(self) -> None:
+        self.running, self.groups = [], {}

@@ -52,6 +52,8 @@ def start_vllm_server(model: str, port: int | None = None, *, startup_timeout: f
 
     env = dict(os.environ, **SERVER_ENVIRONMENT)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # A server runs its engine in a process of its own, whatever this process chose for its in-process engines.
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(vllm_server_command(model, port, **kwargs), env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
