@@ -24,7 +24,7 @@ def test_the_gpu_check_runs_every_part_and_writes_one_json_object(tmp_path):
         assert point["max_logprob_gap"] < 1e-3  # float32: packing is exact
     train = parts["training_step"]
     assert train["status"] == "ok", train
-    assert {"grpo", "treepo", "treepo-packed"} <= set(train["result"]["train"])
+    assert {"grpo", "treepo", "treepo-unpacked"} <= set(train["result"]["train"])
     assert set(train["result"]["train"]["treepo"]["phases"]) >= {"engine", "rollout", "loss_forward_backward"}
     rollout = parts["rollout"]
     assert rollout["status"] == "ok", rollout

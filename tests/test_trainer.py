@@ -208,6 +208,8 @@ BAD_VALUES = [
     (dict(tree_rollout_schedule="per_tree"), "tree_rollout_schedule='per_tree' needs vLLM"),
     (dict(tree_server_max_concurrency=0), "tree_server_max_concurrency"),
     (dict(tree_packed_max_tokens=0), "tree_packed_max_tokens"),
+    (dict(tree_packed_training="yes"), "tree_packed_training"),
+    (dict(generation_kwargs={"seed": 0}), "seed"),
     (dict(tree_tool_timeout=0.0), "tree_tool_timeout"),
     (dict(tree_environment_branching="fork"), "tree_environment_branching"),
     # As the command line and YAML give them: a JSON string, parsed by GRPOConfig before the tree checks read it.
@@ -225,11 +227,19 @@ def test_settings_that_change_nothing_pass_validation(tmp_path):
     assert TreePOConfig(**base, generation_kwargs='{"stop": ["Q:"]}').tree_stop_strings == ("Q:",)
 
 
-def test_trees_grow_level_by_level_unless_per_tree_is_asked_for_on_vllm(tmp_path):
+def test_the_defaults_take_the_fastest_exact_path_of_each_backend(tmp_path):
+    """Per tree on vLLM colocate, level by level on transformers and a vLLM server; packed with trees, never without
+    unless asked for (tree_sampling=False is GRPOTrainer to the bit)."""
     base = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
                 tree_segment_length=4, tree_max_depth=2)  # fmt: skip
-    assert TreePOConfig(**base).tree_rollout_schedule == "level"
-    assert TreePOConfig(**base, use_vllm=True, tree_rollout_schedule="per_tree").tree_rollout_schedule == "per_tree"
+    transformers = TreePOConfig(**base)
+    assert (transformers.tree_rollout_schedule, transformers.tree_packed_training) == ("level", True)
+    assert TreePOConfig(**base, use_vllm=True, vllm_mode="colocate").tree_rollout_schedule == "per_tree"
+    assert TreePOConfig(**base, use_vllm=True, vllm_mode="server").tree_rollout_schedule == "level"
+    assert TreePOConfig(**base, use_vllm=True, vllm_mode="server", tree_rollout_schedule="per_tree").tree_rollout_schedule == "per_tree"
+    assert TreePOConfig(**base, tree_sampling=False).tree_packed_training is False
+    assert TreePOConfig(**base, tree_sampling=False, tree_packed_training=True).tree_packed_training is True
+    assert TreePOConfig(**base, tree_packed_training=False).tree_packed_training is False
     # without trees, the schedule is unused and not checked against the backend
     assert TreePOConfig(**base, tree_sampling=False, tree_rollout_schedule="per_tree").tree_sampling is False
 

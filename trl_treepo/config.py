@@ -19,7 +19,7 @@ from .sampling import (
 
 ADVANTAGE_ESTIMATORS = ("tree", "tree_segment", "node_value", "grpo")
 ADVANTAGE_NORMALIZATIONS = ("batch_whiten", "none")
-ROLLOUT_SCHEDULES = ("level", "per_tree")
+ROLLOUT_SCHEDULES = ("auto", "per_tree", "level")
 
 # `generation_kwargs` keys that name stop strings: vLLM's `stop`, transformers' `stop_strings`.
 STOP_STRING_KEYS = ("stop", "stop_strings")
@@ -44,9 +44,11 @@ PER_COMPLETION_OPTIONS = {
     "max_new_tokens": _LENGTH,
     "num_beams": "beam search would rank each segment's beams on their own, not whole completions, and the tree "
     "already decides how many continuations each path gets.",
+    "seed": "a tree samples each branch as its own engine request, and one fixed seed would give the branches of a "
+    "path the same continuation.",
 }
 # Values of those options that change nothing (a single beam is plain sampling).
-NEUTRAL_VALUES = {"num_beams": (None, 1)}
+NEUTRAL_VALUES = {"num_beams": (None, 1), "seed": (None,)}
 
 
 @dataclass
@@ -102,14 +104,16 @@ class TreePOConfig(GRPOConfig):
             transformers backend only: keep each level's KV cache and hand a node's cache to its children instead
             of re-reading their shared prefix. vLLM reuses prefixes through its automatic prefix caching.
 
-        tree_rollout_schedule (`str`, *optional*, defaults to `"level"`):
-            When each tree's next level goes to the engine. `"level"`: one batched engine call per depth for every
-            tree, a barrier across the batch (the released code's rollout). `"per_tree"` (vLLM only): each prompt's
-            tree moves to its next level as soon as its own level is decoded, while other trees' segments still run
-            (colocate drives the engine request by request; server mode sends each tree's levels as concurrent
-            requests). Both give the same trees for the same engine outputs, since every barrier TreePO needs is per
-            prompt (paper §2.4–2.5). `"per_tree"` takes fewer engine steps, but it was not faster on the CPU
-            benchmarks (docs/benchmarks.md), so it is not the default. Not a paper knob.
+        tree_rollout_schedule (`str`, *optional*, defaults to `"auto"`):
+            When each tree's next level goes to the engine. `"per_tree"` (vLLM only): each prompt's tree moves to its
+            next level as soon as its own level is decoded, while other trees' segments still run (colocate drives
+            the engine request by request, and a path's first child continues its parent's engine request; server
+            mode sends each tree's levels as concurrent requests). `"level"`: every tree's level waits for the whole
+            batch's, a barrier per depth, as in the released code (whose trees a seed does not reproduce here: random
+            draws are per prompt). Both give the same trees for the same engine outputs, since every barrier TreePO
+            needs is per prompt (paper §2.4–2.5). `"auto"` takes the fastest measured on each backend
+            (docs/benchmarks.md): `"per_tree"` on vLLM colocate, `"level"` on vLLM server mode and on transformers,
+            whose `generate` cannot add requests to a running batch. Not a paper knob.
         tree_server_max_concurrency (`int`, *optional*, defaults to `32`):
             vLLM server mode with `tree_rollout_schedule="per_tree"`: tree levels in flight at once as concurrent
             HTTP requests, which the server batches together.
@@ -169,12 +173,15 @@ class TreePOConfig(GRPOConfig):
 
         > Parameters that control training (beyond the paper)
 
-        tree_packed_training (`bool`, *optional*, defaults to `False`):
+        tree_packed_training (`bool`, *optional*):
             Forward and back-propagate each shared prefix once: the rows that share a prompt are packed into a token
             trie with tree attention (memory linear in its tokens), each leaf's log-probabilities are gathered back
             out, and the generation batch is cut into micro-batches of whole trees. The loss and gradients equal the
-            unpacked ones. Not in the paper (whose code recomputes shared prefixes per leaf). Packing only runs where
-            it is exact: full causal attention with rotary positions, through `sdpa` (or flash/flex) attention.
+            unpacked ones. Not in the paper (whose code recomputes shared prefixes per leaf). `None` (the default)
+            turns it on with tree rollouts and off with `tree_sampling=False`, so that a GRPO run computes exactly
+            what `GRPOTrainer` does unless packing is asked for (`True` then shares each prompt's forward among its
+            rows). Packing only runs where it is exact: full causal attention with rotary positions, through `sdpa`
+            (or flash/flex) attention.
             Sliding windows, Mamba/convolution/linear-attention layers, absolute positions, attention sinks,
             `eager` attention, multimodal inputs and the MoE auxiliary loss fall back to the unpacked forward with a
             one-time warning naming the reason, as does a model whose first packed batch fails a self-check
@@ -279,10 +286,11 @@ class TreePOConfig(GRPOConfig):
     )
 
     tree_rollout_schedule: str = field(
-        default="level",
+        default="auto",
         metadata={
-            "help": "When each tree's next level goes to the engine: 'level' (one batched call per depth for every "
-            "tree) or 'per_tree' (as soon as its own level is decoded; vLLM only).",
+            "help": "When each tree's next level goes to the engine: 'per_tree' (as soon as its own level is decoded; "
+            "vLLM only), 'level' (a barrier per depth across the batch) or 'auto' (per_tree on vLLM colocate, level "
+            "on vLLM server mode and transformers).",
             "choices": list(ROLLOUT_SCHEDULES),
         },
     )
@@ -369,11 +377,12 @@ class TreePOConfig(GRPOConfig):
     )
 
     # --- training, beyond the paper --------------------------------------------------------------------------------
-    tree_packed_training: bool = field(
-        default=False,
+    tree_packed_training: bool | None = field(
+        default=None,
         metadata={
             "help": "Beyond the paper: forward and back-propagate each shared prefix once, with tree attention and "
-            "micro-batches of whole trees (exact; models where it cannot be exact fall back, with a warning)."
+            "micro-batches of whole trees (exact; models where it cannot be exact fall back, with a warning). None: "
+            "on with tree rollouts, off with tree_sampling=False."
         },
     )
     tree_packed_max_tokens: int | None = field(
@@ -403,6 +412,15 @@ class TreePOConfig(GRPOConfig):
         self._check_tree_knobs()
         super().__post_init__()
         self._check_with_grpo_settings()
+        self._resolve_defaults()
+
+    def _resolve_defaults(self) -> None:
+        """The defaults that depend on other settings, made concrete: the fastest exact path for this run."""
+        if self.tree_packed_training is None:
+            self.tree_packed_training = self.tree_sampling
+        if self.tree_rollout_schedule == "auto":
+            colocated = self.use_vllm and self.vllm_mode == "colocate"
+            self.tree_rollout_schedule = "per_tree" if colocated else "level"
 
     def _check_tree_shape(self) -> None:
         """l, d and b, and the completion budget they imply (derived when unset)."""
@@ -467,6 +485,11 @@ class TreePOConfig(GRPOConfig):
             raise ValueError(
                 "tree_server_request_timeout must be positive and tree_server_max_retries >= 0, got "
                 f"{self.tree_server_request_timeout} and {self.tree_server_max_retries}."
+            )
+        if self.tree_packed_training not in (None, True, False):
+            raise ValueError(
+                f"tree_packed_training must be True, False or None (on with tree rollouts, off with "
+                f"tree_sampling=False), got {self.tree_packed_training!r}."
             )
         if self.tree_packed_max_tokens is not None and self.tree_packed_max_tokens < 1:
             raise ValueError(f"tree_packed_max_tokens must be a positive token count or None, got {self.tree_packed_max_tokens}.")

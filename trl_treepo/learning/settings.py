@@ -21,8 +21,8 @@ ARMS = {
     "random_initial_divergence": {"tree_initial_divergence": 2, "tree_initial_divergence_max": 8},
     "low_prob_divergence": {"tree_divergence_policy": "low_prob"},
     "high_prob_divergence": {"tree_divergence_policy": "high_prob"},
-    # The same trees grown per tree instead of level by level (`tree_rollout_schedule`; vLLM): equal in distribution.
-    "treepo_per_tree": {"tree_rollout_schedule": "per_tree"},
+    # The same trees grown level by level instead of per tree (`tree_rollout_schedule`; vLLM): equal in distribution.
+    "treepo_level": {"tree_rollout_schedule": "level"},
     # Finer credit assignment: one advantage per segment (paper §3.3's tree, spec §6.4).
     "tree_segment": {"tree_advantage_estimator": "tree_segment"},
     "node_value": {"tree_advantage_estimator": "node_value"},
@@ -35,7 +35,7 @@ ARM_LABELS = {
     "random_initial_divergence": "TreePO, random initial divergence 2-8",
     "low_prob_divergence": "TreePO, low-prob divergence (§4.4)",
     "high_prob_divergence": "TreePO, high-prob divergence (§4.4)",
-    "treepo_per_tree": "TreePO, per-tree rollout",
+    "treepo_level": "TreePO, level-by-level rollout",
     "tree_segment": "TreePO, released per-segment advantages",
     "node_value": "TreePO, per-node values (global + local)",
 }

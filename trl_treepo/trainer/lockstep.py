@@ -39,6 +39,14 @@ class Lockstep:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return tensor.tolist()
 
+    def total(self, values: list[int]) -> list[int]:
+        """Each value's sum over the ranks."""
+        if not self.active:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.long, device=self.accelerator.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
     def agree_all(self, flag: bool) -> bool:
         """Whether `flag` holds on every rank."""
         return not self.agree_max([int(not flag)])[0]

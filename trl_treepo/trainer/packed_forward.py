@@ -98,6 +98,8 @@ class PackedForward:
             return None
         logps, entropies, packed_tokens, row_tokens = packed
         if torch.is_grad_enabled():  # the loss's forward (old and reference log-probs run without grad)
+            # Over every rank, as TRL's own metrics are (each rank reaches this forward as often as the others).
+            packed_tokens, row_tokens = self.lockstep.total([packed_tokens, row_tokens])
             self.trainer._metrics["train"]["tree/packed_token_ratio"].append(packed_tokens / max(row_tokens, 1))
         return logps, entropies, None
 

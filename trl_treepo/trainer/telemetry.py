@@ -40,6 +40,7 @@ class TreeTelemetry:
                 stats.decoded_tokens,
                 stats.leaf_tokens,
                 stats.engine_calls,
+                stats.engine_steps,
                 stats.fallback_events,
                 sum(leaf.from_fallback for leaf in leaves),
                 len(leaves),
@@ -56,24 +57,28 @@ class TreeTelemetry:
         )
         per_process = trainer.accelerator.gather(local.unsqueeze(0))
         totals = per_process.sum(dim=0).tolist()
-        decoded, leaf_tokens, _, fallbacks, fallback_leaves, num_leaves, depth_sum = totals[:7]
+        decoded, leaf_tokens, _, _, fallbacks, fallback_leaves, num_leaves, depth_sum = totals[:8]
         metrics = trainer._metrics["train"]
         metrics["tree/decoded_tokens"].append(decoded)
         metrics["tree/leaf_tokens"].append(leaf_tokens)
         metrics["tree/decoded_token_ratio"].append(decoded / max(leaf_tokens, 1))
         metrics["tree/engine_calls"].append(per_process[:, 2].max().item())
+        engine_steps = per_process[:, 3].max().item()
+        if engine_steps:  # the engine counts its decoding steps (vLLM colocate, transformers; not a server)
+            # With the decoded tokens, what the engine's time goes by: steps (a fixed cost each) and tokens.
+            metrics["tree/engine_steps"].append(engine_steps)
         metrics["tree/fallback_events"].append(fallbacks)
         metrics["tree/fallback_leaf_ratio"].append(fallback_leaves / max(num_leaves, 1))
         metrics["tree/mean_depth"].append(depth_sum / max(num_leaves, 1))
-        metrics["tree/max_depth"].append(per_process[:, 7].max().item())
+        metrics["tree/max_depth"].append(per_process[:, 8].max().item())
         metrics["tree/mean_branching"].append(_mean_branching(paths))
-        for reason, count in zip(FinishReason, totals[8:]):
+        for reason, count in zip(FinishReason, totals[9:]):
             if reason is not FinishReason.TOOL_LIMIT or trainer.tools:
                 metrics[f"tree/finish_reason/{reason.value}"].append(count / max(num_leaves, 1))
         if trainer.tools:
             # The saving: tool calls run once per tree node, against once per leaf in sequential rollouts of the same
             # trajectories.
-            tool_calls, sequential_calls, tool_failures, replays = totals[8 + len(FinishReason) :]
+            tool_calls, sequential_calls, tool_failures, replays = totals[9 + len(FinishReason) :]
             metrics["tree/tool_calls"].append(tool_calls)
             metrics["tree/sequential_tool_calls"].append(sequential_calls)
             metrics["tree/tool_call_ratio"].append(tool_calls / sequential_calls if sequential_calls else 1.0)
