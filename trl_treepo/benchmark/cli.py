@@ -25,7 +25,15 @@ def rollout_table(report: dict) -> str:
         ("decoded tokens", "decoded_tokens", "{:.0f}"),
         ("engine calls", "engine_calls", "{:.0f}"),
         ("engine steps", "engine_steps", "{:.0f}"),
-        ("requests", "requests", "{:.0f}"),
+        ("  in engine steps (s)", "engine_step_s", "{:.2f}"),
+        ("engine requests", "requests", "{:.0f}"),
+        ("longest path", "longest_path", "{:.0f}"),
+        ("steps: deepest path", "deepest_path", "{:.0f}"),
+        ("  own level barrier", "own_level_barrier", "{:.0f}"),
+        ("  request latency", "request_latency", "{:.0f}"),
+        ("  waits on other trees", "waits_on_other_trees", "{:.0f}"),
+        ("  fallback rounds", "fallback_rounds", "{:.0f}"),
+        ("  other", "other_steps", "{:.0f}"),
         ("early-stopped leaves", "early_stop_ratio", "{:.0%}"),
         ("TrajPS", "trajectories_per_s", "{:.2f}"),
         ("TokenPS", "leaf_tokens_per_s", "{:.1f}"),
@@ -33,13 +41,13 @@ def rollout_table(report: dict) -> str:
     if "tool_call_ratio" in report:
         rows += [("tool calls executed", "tool_calls", "{:.0f}"), ("tool calls on paths", "path_tool_calls", "{:.0f}")]
     schedules = report["schedules"]
-    columns = [("sequential", report["sequential"])] + [(f"tree ({s})", r["tree"]) for s, r in schedules.items()]
+    columns = [("sequential", report["sequential"])] + [(s, r["tree"]) for s, r in schedules.items()]
     lines = [f"{'':24}" + "".join(f"{name:>18}" for name, _ in columns)]
     for label, key, fmt in rows:
         lines.append(f"{label:24}" + "".join(f"{fmt.format(result[key]):>18}" for _, result in columns))
     for schedule, ratios in schedules.items():
         lines.append(
-            f"{schedule:8}: speedup (TokenPS) {ratios['speedup']:.2f}x   TrajPS {ratios['trajectory_speedup']:.2f}x "
+            f"{schedule:18}: speedup (TokenPS) {ratios['speedup']:.2f}x   TrajPS {ratios['trajectory_speedup']:.2f}x "
             f"(limit {ratios['trajectory_speedup_limit']:.2f}x: {ratios['trajectory_speedup_of_limit']:.2f} of it)   "
             f"decoded-token ratio {ratios['decoded_token_ratio']:.3f}   efficiency {ratios['efficiency']:.2f}   "
             f"decode-rate ratio {ratios['decode_rate_ratio']:.2f}"
@@ -58,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=PACKAGE_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--backend", choices=["transformers", "vllm", "vllm-server"], default="transformers",
+                        help="vllm: an in-process engine, as TRL's colocate mode; vllm-server: a `vllm serve` started "
+                        "on loopback, driven over HTTP as in server mode (rollouts only)")
     parser.add_argument("--model", help=f"model path or id (default: the warmed-up tiny model in {DEFAULT_MODEL_DIR})")
     parser.add_argument("--task", default="gsm_symbolic",
                         help="reasoning-gym task for prompts, or `synthetic` (two-number sums, no reasoning-gym)")
@@ -71,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--initial-divergence", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--compare-schedules", action="store_true",
-                        help="grow the trees both per tree and level by level (tree_rollout_schedule), side by side; "
-                        "with --train, time a TreePO step with each")
+                        help="grow the trees with every rollout driver side by side (the default first: vLLM per tree "
+                        "with continued requests; then level by level, and the drivers it replaced); with --train, "
+                        "time a TreePO step per tree and level by level")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -155,7 +166,10 @@ def _rollout_report(args, argv: list[str]) -> dict:
     backend = Backend(args, eos_token_ids, tokenizer.pad_token_id)
     params = sampling_params(args, eos_token_ids, args.depth, args.segment_length)
 
-    report = compare(backend, prompts, params, tokenizer.decode, args, tools)
+    try:
+        report = _compare_and_sweep(backend, prompts, params, eos_token_ids, tokenizer.decode, args, tools)
+    finally:
+        backend.close()
     report["setup"] = {
         "backend": args.backend,
         "model": str(args.model),
@@ -166,39 +180,45 @@ def _rollout_report(args, argv: list[str]) -> dict:
         "depth": args.depth,
         "branching": args.branching,
         "temperature": args.temperature,
-        "kv_reuse": args.backend == "vllm" or not args.no_kv_reuse,
+        "kv_reuse": args.backend != "transformers" or not args.no_kv_reuse,
         "block_size": backend.block_size,
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
     if args.tools:
         report["setup"].update(tool_latency_s=args.tool_latency, max_tool_turns=args.max_tool_turns)
-    print(rollout_table(report), flush=True)
 
-    if args.sweep_depths:
-        sweep = report["sweep"] = sweep_depths(backend, prompts, eos_token_ids, tokenizer.decode, args)
-        if args.plot:
-            sequential = statistics.median(p["sequential"]["leaf_tokens_per_s"] for p in sweep)
-            plot_sweep(sweep, sequential, args.plot, f"{args.backend}, {report['setup']['device']}, width {args.width}")
     if args.train:
         del backend  # free the rollout engine before the trainers build theirs
         report["train"] = _train_report([a for a in argv if a not in ("--train", "--json")], trainers_of(args))
     return report
 
 
+def _compare_and_sweep(backend, prompts, params, eos_token_ids, decode, args, tools) -> dict:
+    """The rollout comparison at the requested shape, then `--sweep-depths`."""
+    report = compare(backend, prompts, params, decode, args, tools)
+    print(rollout_table(report), flush=True)
+    if args.sweep_depths:
+        sweep = report["sweep"] = sweep_depths(backend, prompts, eos_token_ids, decode, args)
+        if args.plot:
+            sequential = statistics.median(p["sequential"]["leaf_tokens_per_s"] for p in sweep)
+            plot_sweep(sweep, sequential, args.plot, f"{args.backend}, {_device_name()}, width {args.width}")
+    return report
+
+
 def _train_report(argv: list[str], trainers: tuple[str, ...]) -> dict:
     train = compare_training_steps(argv, trainers)
-    per_tree = ""
-    if "treepo-per-tree" in train:
-        per_tree = (f", TreePO per tree {train['treepo-per-tree']['step_s']:.2f} s "
-                    f"({train['per_tree_step_speedup']:.2f}x)")  # fmt: skip
+    level = ""
+    if "treepo-level" in train:
+        level = (f", TreePO level by level {train['treepo-level']['step_s']:.2f} s "
+                 f"({train['level_step_speedup']:.2f}x)")  # fmt: skip
     print(f"training step: GRPO {train['grpo']['step_s']:.2f} s, "
-          f"TreePO {train['treepo']['step_s']:.2f} s ({train['step_speedup']:.2f}x){per_tree}, "
-          f"TreePO packed {train['treepo-packed']['step_s']:.2f} s", flush=True)
-    print(f"loss forward+backward: TreePO {train['treepo']['loss_s']:.2f} s, packed "
-          f"{train['treepo-packed']['loss_s']:.2f} s ({train['packed_loss_speedup']:.2f}x; packed/leaf tokens "
-          f"{train['treepo-packed']['packed_token_ratio']:.2f}); peak memory "
-          f"{train['treepo']['peak_memory_mb']:.0f} → {train['treepo-packed']['peak_memory_mb']:.0f} MB",
+          f"TreePO (defaults) {train['treepo']['step_s']:.2f} s ({train['step_speedup']:.2f}x){level}, "
+          f"TreePO unpacked {train['treepo-unpacked']['step_s']:.2f} s", flush=True)
+    print(f"loss forward+backward: TreePO unpacked {train['treepo-unpacked']['loss_s']:.2f} s, packed "
+          f"{train['treepo']['loss_s']:.2f} s ({train['packed_loss_speedup']:.2f}x; packed/leaf tokens "
+          f"{train['treepo']['packed_token_ratio']:.2f}); peak memory "
+          f"{train['treepo-unpacked']['peak_memory_mb']:.0f} → {train['treepo']['peak_memory_mb']:.0f} MB",
           flush=True)  # fmt: skip
     print(phase_table(train), flush=True)
     return train
@@ -216,6 +236,8 @@ def phase_table(train: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.backend == "vllm-server" and (args.train or args.train_only):
+        raise SystemExit("--train times trainers on vLLM colocate or transformers: use --backend vllm or transformers.")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import torch
 

@@ -9,9 +9,11 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..sampling import TreeSamplingParams
 
@@ -32,6 +34,15 @@ class RunResult:
     tool_calls: int = 0  # executed
     path_tool_calls: int = 0  # on the trajectories' paths: what running each trajectory on its own executes
     engine_steps: int = 0  # vLLM: `LLMEngine.step` calls, each one decoding step of the running batch
+    engine_step_s: float = 0.0  # vLLM: wall time inside those calls; the rest of `wall_s` is the host's own work
+    longest_path: int = 0  # tokens of the longest completion (sequential) or main-tree leaf (tree)
+    # the tree's steps, split (see `rollout.step_decomposition`); 0 for sequential runs
+    deepest_path: int = 0
+    own_level_barrier: int = 0
+    request_latency: int = 0
+    waits_on_other_trees: int = 0
+    fallback_rounds: int = 0
+    other_steps: int = 0
 
     @property
     def trajectories_per_s(self) -> float:
@@ -67,6 +78,10 @@ class Backend:
     def __init__(self, args, eos_token_ids, pad_token_id):
         self.args = args
         if args.backend == "vllm":
+            # In-process, as TRL's colocate mode runs it (`distributed_executor_backend="external_launcher"` turns
+            # vLLM's multiprocessing off): the engine steps when the rollout asks, with no engine process running
+            # ahead of it; and TRL's batch limit and logprob mode.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             from vllm import LLM
             from vllm.platforms import current_platform
 
@@ -80,18 +95,36 @@ class Backend:
                 block_size=block_size,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 max_model_len=args.max_model_len,
+                max_num_batched_tokens=4096,
+                logprobs_mode="processed_logprobs",
                 enforce_eager=args.enforce_eager,
                 seed=args.seed,
             )
             self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
-            self.engine_steps = 0
+            self.engine_steps, self.engine_step_s = 0, 0.0
             step = self.llm.llm_engine.step
 
             def counted_step():
-                self.engine_steps += 1
-                return step()
+                started = time.perf_counter()
+                try:
+                    return step()
+                finally:
+                    self.engine_steps += 1
+                    self.engine_step_s += time.perf_counter() - started
 
             self.llm.llm_engine.step = counted_step
+        elif args.backend == "vllm-server":
+            import requests
+
+            from ..testing import start_vllm_server
+
+            block_size = 32 if args.block_size is None else args.block_size  # as the in-process engine on a CPU
+            self.server, self.url = start_vllm_server(args.model, max_model_len=args.max_model_len,
+                                                      gpu_memory_utilization=args.gpu_memory_utilization,
+                                                      dtype=args.dtype, block_size=block_size)  # fmt: skip
+            self.client = SimpleNamespace(base_url=self.url, session=requests.Session(), model=args.model)
+            self.block_size = block_size
+            self.engine_steps, self.engine_step_s = 0, 0.0
         else:
             import torch
             from transformers import AutoModelForCausalLM, GenerationConfig
@@ -109,19 +142,31 @@ class Backend:
             )
             self.pad_token_id = pad_token_id
             self.block_size = None
-            self.engine_steps = 0
+            self.engine_steps, self.engine_step_s = 0, 0.0
 
-    def engine(self, reuse_kv_cache: bool = True):
+    def engine(self, reuse_kv_cache: bool = True, continue_branches: bool = True):
         if self.args.backend == "vllm":
             from ..backends.vllm import VLLMColocateEngine
 
             self.llm.reset_prefix_cache()  # runs start cold: no run reuses another's prefixes
-            return VLLMColocateEngine(self.llm, {"temperature": self.args.temperature})
+            return VLLMColocateEngine(self.llm, {"temperature": self.args.temperature}, continue_branches)
+        if self.args.backend == "vllm-server":
+            from ..backends.vllm import VLLMServerEngine
+
+            self.client.session.post(f"{self.url}/reset_prefix_cache").raise_for_status()  # runs start cold
+            return VLLMServerEngine(self.client, {"temperature": self.args.temperature})
         from ..backends.transformers import TransformersSegmentEngine
 
         return TransformersSegmentEngine(
             self.model, self.generation_config, self.pad_token_id, reuse_kv_cache=reuse_kv_cache
         )
+
+    def close(self) -> None:
+        """Stop the server a `vllm-server` backend started."""
+        if getattr(self, "server", None) is not None:
+            self.server.terminate()
+            self.server.wait(timeout=60)
+            self.server = None
 
     def seed(self, value: int):
         import torch

