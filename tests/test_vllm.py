@@ -101,10 +101,17 @@ def test_colocate_training_keeps_vllm_in_sync_and_shares_prefixes(colocate_run):
     assert stale[-1] > 10 * max(synced)
 
 
-@pytest.mark.parametrize("schedule", ["per_tree", "level", "per_tree, a request per segment", "released level"])
+@pytest.mark.parametrize("schedule", ["per_tree", "per_tree, streamed every token", "level",
+                                      "per_tree, a request per segment", "released level"])  # fmt: skip
 def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(colocate_run, tiny_model, schedule):
     """Leaf logprobs equal the trained model's however the engine is driven: per tree or behind a level barrier, with
-    first children continuing their parent's request or a request per segment, or one `LLM.generate` per level."""
+    first children continuing their parent's request (its tokens streamed every segment, or every token) or a request
+    per segment, or one `LLM.generate` per level."""
+    from trl_treepo.backends.vllm import stream_interval_supported
+
+    assert stream_interval_supported()  # vLLM 0.31: branches stream once a segment
+    every_token = schedule == "per_tree, streamed every token"
+    schedule = "per_tree" if every_token else schedule
     trainer, _, _ = colocate_run
     trainer.vllm_generation.sync_weights()
     llm = trainer.vllm_generation.llm
@@ -112,7 +119,8 @@ def test_colocate_tree_leaves_match_the_trained_model_under_prefix_caching(coloc
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = prompt_ids(tokenizer)
     params = TreeSamplingParams(width=8, segment_length=SEGMENT, max_depth=DEPTH, eos_token_ids=(tokenizer.eos_token_id,))
-    engine = VLLMColocateEngine(llm, {"temperature": 1.0}, continue_branches=schedule in ("per_tree", "level"))
+    engine = VLLMColocateEngine(llm, {"temperature": 1.0}, continue_branches=schedule in ("per_tree", "level"),
+                                stream_interval=not every_token)  # fmt: skip
     driven = LevelBatches(engine) if schedule == "released level" else engine
     rollout = grow_trees(driven, prompts, params, tokenizer.decode, barrier=schedule == "level")
     assert not llm.llm_engine.has_unfinished_requests()  # every branch a stopped path decoded ahead was aborted

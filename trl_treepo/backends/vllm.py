@@ -17,6 +17,7 @@ reuse, spec §3).
 """
 from __future__ import annotations
 
+import functools
 import math
 import shlex
 import threading
@@ -71,6 +72,14 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
+@functools.cache
+def stream_interval_supported() -> bool:
+    """Whether this vLLM takes a per-request `stream_interval` (0.31 does; older releases stream every token)."""
+    from vllm import SamplingParams
+
+    return "stream_interval" in getattr(SamplingParams, "__struct_fields__", ())
+
+
 @dataclass(eq=False)
 class _Branch:
     """One vLLM request decoding one branch of a path, handed out a segment at a time."""
@@ -81,6 +90,7 @@ class _Branch:
     handed: int = 0  # tokens already handed out as segments
     finish_reason: str | None = None  # vLLM's, once the request finished
     slot: tuple[int, int, int, int] | None = None  # the segment awaited: (ticket, request, branch, max_tokens)
+    seen_at: int = 0  # the engine step of its last output: a running branch decodes a token per step after it
 
     @property
     def running(self) -> bool:
@@ -102,10 +112,11 @@ class VLLMColocateEngine:
     `generate` is one `LLM.generate` call (TRL's own path; the benchmark's sequential baseline).
     """
 
-    def __init__(self, llm, sampling: dict, continue_branches: bool = True):
+    def __init__(self, llm, sampling: dict, continue_branches: bool = True, stream_interval: bool = True):
         self.llm = llm
         self.sampling = sampling
         self.continue_branches = continue_branches
+        self.stream_interval = stream_interval and stream_interval_supported()
         self.next_ticket = 0
         self.branches: dict[str, _Branch] = {}  # vLLM request id -> branch still running or holding tokens
         self.groups: dict[int, list[list[SegmentOutput | None]]] = {}  # ticket -> its outputs so far
@@ -115,20 +126,20 @@ class VLLMColocateEngine:
         self.requests = 0  # engine requests started (a continued branch is not a new one)
         self.discarded_tokens = 0
 
-    def _sampling_params(self, max_tokens: int, n: int = 1, streaming: bool = True):
+    def _sampling_params(self, max_tokens: int, n: int = 1, stream_every: int | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         # No detokenization: the sampler decodes each finished segment once itself, while vLLM would decode every
         # token incrementally (and every logprob's token string) on the host, competing with the engine for CPU.
-        return SamplingParams(
-            **self.sampling,
-            n=n,
-            max_tokens=max_tokens,
-            logprobs=0,
-            detokenize=False,
-            output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
-        )
+        streaming = {}
+        if stream_every is not None:
+            streaming["output_kind"] = RequestOutputKind.DELTA
+            if stream_every > 1:
+                streaming["stream_interval"] = stream_every
+        else:
+            streaming["output_kind"] = RequestOutputKind.FINAL_ONLY
+        return SamplingParams(**self.sampling, n=n, max_tokens=max_tokens, logprobs=0, detokenize=False, **streaming)
 
     @staticmethod
     def _logprobs(completion, ids) -> list[float] | None:
@@ -140,7 +151,7 @@ class VLLMColocateEngine:
         if not requests:
             return []
         prompts = [{"prompt_token_ids": list(request.token_ids)} for request in requests]
-        params = [self._sampling_params(r.max_tokens, r.num_branches, streaming=False) for r in requests]
+        params = [self._sampling_params(r.max_tokens, r.num_branches) for r in requests]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         return [
             [
@@ -168,9 +179,19 @@ class VLLMColocateEngine:
                 self.branches[branch.request_id] = branch
                 self.requests += 1
                 engine.add_request(branch.request_id, {"prompt_token_ids": list(request.token_ids)},
-                                   self._sampling_params(budget))  # fmt: skip
+                                   self._sampling_params(budget, stream_every=self.stream_every(request)))  # fmt: skip
                 self._await(branch, (ticket, index, branch_index, request.max_tokens))
         return ticket
+
+    def stream_every(self, request: SegmentRequest) -> int:
+        """How often a branch hands its new tokens to the host: after its first token and then once a segment where
+        vLLM takes a per-request `stream_interval`, else every token.
+
+        Every token costs host work per running branch per step (vLLM builds a `RequestOutput` for each); once a
+        segment costs one step of delay before the tree sees the segment (vLLM always sends the first token, so the
+        sends fall one token past each boundary), which delays the new branches of a branch point by a step.
+        """
+        return request.max_tokens if self.stream_interval else 1
 
     def _await(self, branch: _Branch, slot) -> None:
         if branch.request_id not in self.branches:
@@ -210,18 +231,24 @@ class VLLMColocateEngine:
                 )
             outputs = engine.step()
             self.steps += 1
-            for output in outputs:
+            for output in outputs:  # every running branch, every step: kept lean
                 branch = self.branches.get(output.request_id)
                 if branch is None:
                     continue
                 completion = output.outputs[0]
-                new_ids = list(completion.token_ids)
-                branch.token_ids += new_ids
-                new_logprobs = self._logprobs(completion, new_ids)
-                branch.logprobs = None if new_logprobs is None or branch.logprobs is None else branch.logprobs + new_logprobs
+                new_ids = completion.token_ids
+                branch.token_ids.extend(new_ids)
+                branch.seen_at = self.steps
+                if branch.logprobs is not None:
+                    if completion.logprobs is None:
+                        branch.logprobs = None
+                    else:
+                        branch.logprobs.extend(position[token].logprob
+                                               for position, token in zip(completion.logprobs, new_ids))  # fmt: skip
                 if output.finished:
                     branch.finish_reason = completion.finish_reason or "stop"
-                self._hand_out(branch)
+                if branch.slot is not None:
+                    self._hand_out(branch)
         finished, self.ready = self.ready, []
         for ticket in finished:
             del self.missing[ticket]
@@ -235,6 +262,7 @@ class VLLMColocateEngine:
                 continue
             self.discarded_tokens += len(branch.token_ids) - branch.handed
             if branch.running:
+                self.discarded_tokens += self.steps - branch.seen_at  # decoded since its last output, never streamed
                 running.append(branch.request_id)
         if running:
             self.llm.llm_engine.abort_request(running)

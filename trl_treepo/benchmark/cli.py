@@ -48,6 +48,7 @@ def rollout_table(report: dict) -> str:
     for schedule, ratios in schedules.items():
         lines.append(
             f"{schedule:18}: speedup (TokenPS) {ratios['speedup']:.2f}x   TrajPS {ratios['trajectory_speedup']:.2f}x "
+            f"(repeats {ratios['trajectory_speedup_range'][0]:.2f}-{ratios['trajectory_speedup_range'][1]:.2f}) "
             f"(limit {ratios['trajectory_speedup_limit']:.2f}x: {ratios['trajectory_speedup_of_limit']:.2f} of it)   "
             f"decoded-token ratio {ratios['decoded_token_ratio']:.3f}   efficiency {ratios['efficiency']:.2f}   "
             f"decode-rate ratio {ratios['decode_rate_ratio']:.2f}"

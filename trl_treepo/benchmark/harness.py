@@ -60,8 +60,16 @@ def trim_at_eos(ids: Sequence[int], eos_token_ids: frozenset[int]) -> list[int]:
     return list(ids)
 
 
+# The parts of a tree's engine steps (`rollout.step_decomposition`): they add up within one run, so they are taken
+# from one run, not each part's median.
+STEP_PARTS = ("deepest_path", "own_level_barrier", "request_latency", "waits_on_other_trees", "fallback_rounds",
+              "other_steps")  # fmt: skip
+
+
 def median_result(runs: list[RunResult]) -> dict:
     median = {field: statistics.median(getattr(r, field) for r in runs) for field in asdict(runs[0])}
+    middle = sorted(runs, key=lambda r: r.engine_steps)[(len(runs) - 1) // 2]  # the run of the (lower) median steps
+    median.update({part: getattr(middle, part) for part in STEP_PARTS})
     median["trajectories_per_s"] = statistics.median(r.trajectories_per_s for r in runs)
     median["leaf_tokens_per_s"] = statistics.median(r.leaf_tokens_per_s for r in runs)
     median["runs"] = len(runs)

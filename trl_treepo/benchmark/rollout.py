@@ -160,7 +160,10 @@ def _ratios(sequential_runs: list[RunResult], tree_runs: list[RunResult]) -> dic
     speedup = tree["leaf_tokens_per_s"] / sequential["leaf_tokens_per_s"]
     trajectory_speedup = tree["trajectories_per_s"] / sequential["trajectories_per_s"]
     decode_rate = [statistics.median(r.decoded_tokens / r.wall_s for r in runs) for runs in (sequential_runs, tree_runs)]
+    # Each repeat's tree against the sequential run beside it: the spread this machine's noise gives the median.
+    paired = [s.wall_s / t.wall_s for s, t in zip(sequential_runs, tree_runs)]
     return {
+        "trajectory_speedup_range": (min(paired), max(paired)),
         "tree": tree,
         "speedup": speedup,
         "trajectory_speedup": trajectory_speedup,
