@@ -105,8 +105,8 @@ class VLLMColocateEngine:
     `continue_branches` (the default) a branch's request decodes up to its path's whole budget rather than one
     segment; the engine hands out its tokens a segment at a time, and the first child of a path that goes on
     continues its parent's request (`SegmentRequest.continues`). A path that is not branching therefore costs no new
-    request, no re-read of its last partial KV block, and no step lost at a segment boundary; only the extra branches
-    of a branch point start new requests. Tokens decoded ahead for a path that then stops are counted
+    request and no re-read of its last partial KV block, and never stops decoding at a segment boundary; only the
+    extra branches of a branch point start new requests. Tokens decoded ahead for a path that then stops are counted
     (`discarded_tokens`) and the request is aborted when the tree releases it.
 
     `generate` is one `LLM.generate` call (TRL's own path; the benchmark's sequential baseline).

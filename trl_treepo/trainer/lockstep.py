@@ -33,18 +33,17 @@ class Lockstep:
 
     def agree_max(self, values: list[int]) -> list[int]:
         """Each value's maximum over the ranks."""
-        if not self.active:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.long, device=self.accelerator.device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return tensor.tolist()
+        return self._all_reduce(values, torch.distributed.ReduceOp.MAX)
 
     def total(self, values: list[int]) -> list[int]:
         """Each value's sum over the ranks."""
+        return self._all_reduce(values, torch.distributed.ReduceOp.SUM)
+
+    def _all_reduce(self, values: list[int], op) -> list[int]:
         if not self.active:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.long, device=self.accelerator.device)
-        torch.distributed.all_reduce(tensor)
+        torch.distributed.all_reduce(tensor, op=op)
         return tensor.tolist()
 
     def agree_all(self, flag: bool) -> bool:
